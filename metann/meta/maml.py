@@ -1,0 +1,277 @@
+"""MAML (second and first order) and FastModel, the adapted model it returns."""
+from __future__ import annotations
+
+import contextlib
+import numbers
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any, Union
+
+import torch
+from torch import Tensor, nn
+
+from metann.functional import _check_lr, _has_custom_or_attention, math_attention
+from metann.learner import Learner
+from metann.meta.evaluators import default_evaluator_classification
+
+__all__ = ["MAML", "FastModel"]
+
+AdaptSpec = Union[None, str, nn.Module, Callable[[str], bool], Iterable[str]]
+
+
+def check_steps(value: Any, name: str) -> int:
+    """Validate an inner-loop step count: an int >= 0."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"`{name}` must be an int, got `{type(value).__name__}`.")
+    if value < 0:
+        raise ValueError(f"`{name}` must be >= 0, got {value}.")
+    return int(value)
+
+
+def resolve_adapt(model: nn.Module, adapt: AdaptSpec) -> tuple[str, ...]:
+    """Turn an ``adapt`` selection into parameter names, in ``named_parameters()`` order.
+
+    Args:
+        model: The model whose parameters are selected.
+        adapt: ``None`` (all), a submodule of ``model``, the name of a submodule or of a
+            parameter, a predicate on names, or an iterable of parameter names.
+
+    Raises:
+        KeyError: Listing names that are not parameters of ``model``.
+        ValueError: If the selection matches no parameter or the submodule is not part of ``model``.
+        TypeError: If ``adapt`` is of another kind.
+    """
+    names = [n for n, _ in model.named_parameters()]
+    if adapt is None:
+        chosen = names
+    elif isinstance(adapt, nn.Module):
+        prefix = next((p for p, m in model.named_modules() if m is adapt), None)
+        if prefix is None:
+            raise ValueError(f"`adapt` module `{type(adapt).__name__}` is not a submodule of the model.")
+        chosen = [n for n in names if not prefix or n.startswith(prefix + ".")]
+    elif isinstance(adapt, str):
+        modules = dict(model.named_modules())
+        if adapt in names:
+            chosen = [adapt]
+        elif adapt in modules:
+            return resolve_adapt(model, modules[adapt])
+        else:
+            raise KeyError(f"`adapt` names {adapt!r}, which is neither a parameter nor a submodule of the model.")
+    elif callable(adapt):
+        chosen = [n for n in names if adapt(n)]
+    elif isinstance(adapt, Iterable):
+        given = list(adapt)
+        unknown = [n for n in given if n not in names]
+        if unknown:
+            raise KeyError(f"`adapt` names {sorted(map(str, unknown))}, which are not parameters of the model.")
+        chosen = [n for n in names if n in set(given)]
+    else:
+        raise TypeError(
+            "`adapt` must be None, a submodule, a name, a predicate on names or an iterable of names; "
+            f"got `{type(adapt).__name__}`."
+        )
+    if not chosen:
+        raise ValueError(f"`adapt` selection {adapt!r} matches no parameter of the model.")
+    return tuple(chosen)
+
+
+class FastModel:
+    """A model with fast (adapted) weights, returned by :class:`MAML` and its relatives.
+
+    Call it like the model (``fast(x)``); ``fast.params`` maps every parameter name (in
+    ``named_parameters()`` order) to its current tensor, which stays on the autograd
+    graph of the meta-parameters, so a loss computed with ``fast`` back-propagates into
+    them. The wrapper's train/eval mode at call time decides the mode of the forward
+    and whether inner steps build a second-order graph.
+
+    Example:
+        >>> net = torch.nn.Linear(3, 2)
+        >>> maml = MAML(net, lr=0.1)
+        >>> x, y = torch.randn(4, 3), torch.tensor([0, 1, 0, 1])
+        >>> fast = maml.clone()
+        >>> fast = fast.adapt(torch.nn.functional.cross_entropy(fast(x), y))
+        >>> sorted(fast.params)
+        ['bias', 'weight']
+    """
+
+    def __init__(self, wrapper: MAML, params: dict[str, Tensor]) -> None:
+        self._wrapper = wrapper
+        self.params = params
+        self.steps_taken = 0
+        self._names = [n for n in wrapper.adapt_names if params[n].requires_grad]
+        self._state = wrapper.optimizer.init({n: params[n] for n in self._names}) if wrapper.optimizer else None
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        wrapper = self._wrapper
+        learner = wrapper.__dict__["_learner"]
+        if wrapper._needs_math_attention and wrapper.second_order and not wrapper._math_active:
+            with wrapper._math_attention():
+                return learner.functional(list(self.params.values()), wrapper.training, *args, **kwargs)
+        return learner.functional(list(self.params.values()), wrapper.training, *args, **kwargs)
+
+    def adapt(self, loss: Tensor) -> FastModel:
+        """Take one differentiable inner step on ``loss`` (computed with this model); returns ``self``."""
+        self.params, self._state = self._wrapper._step(self.params, self._names, loss, self._state, self.steps_taken)
+        self.steps_taken += 1
+        return self
+
+    def adapt_on(self, data: Any, steps: int | None = None) -> FastModel:
+        """Take ``steps`` inner steps on ``data`` with the wrapper's evaluator; returns ``self``.
+
+        Args:
+            data: Support data for the evaluator, e.g. ``(x, y)``.
+            steps: Number of steps; ``None`` uses the wrapper's count for its current
+                mode (``steps_train`` in train mode, ``steps_eval`` in eval mode).
+        """
+        wrapper = self._wrapper
+        steps = wrapper.steps if steps is None else check_steps(steps, "steps")
+        evaluator = wrapper.evaluator
+        with wrapper._math_attention():
+            for _ in range(steps):
+                self.adapt(evaluator(self, data))
+        return self
+
+    def __repr__(self) -> str:
+        return f"FastModel({type(self._wrapper).__name__}, steps_taken={self.steps_taken}, params={list(self.params)})"
+
+
+class MAML(nn.Module):
+    """Model-Agnostic Meta-Learning (Finn et al., 2017), second or first order.
+
+    ``maml(data)`` adapts a copy of the model's weights to ``data`` and returns a
+    :class:`FastModel`. The meta-parameters are ``maml.parameters()`` (the model's
+    parameters first). In train mode, ``steps_train`` inner steps build a second-order
+    graph (unless ``first_order``); in eval mode, ``steps_eval`` steps never do.
+
+    Batch norm: every forward (inner steps and query) runs the model's own mode, so in
+    train mode batch statistics are used and the running statistics in the model's
+    buffers are updated as a normal forward would; in eval mode the running statistics
+    are used and not changed. Attention: while a second-order graph is built, models with
+    attention (or custom layers) run under the math attention kernel, whose backward is
+    differentiable.
+
+    Args:
+        model: The network to meta-learn.
+        steps_train: Inner steps in train mode (0: no adaptation).
+        steps_eval: Inner steps in eval mode (default: ``steps_train``).
+        lr: Inner learning rate: a number, or a tensor (an ``nn.Parameter`` is meta-learned).
+        evaluator: ``evaluator(fast_model, data) -> loss`` used by the inner loop.
+        first_order: First-order MAML (no second-order graph in any mode).
+        adapt: Which parameters the inner loop updates: names, a submodule, or a
+            predicate on names (default: all). Others pass through unchanged.
+        optimizer: A differentiable inner optimizer from :mod:`metann.optim`; its own
+            ``lr`` is used and its state starts fresh for every adaptation.
+
+    Example:
+        >>> net = torch.nn.Sequential(torch.nn.Linear(10, 20), torch.nn.ReLU(), torch.nn.Linear(20, 5))
+        >>> maml = MAML(net, steps_train=2, lr=0.1)
+        >>> support = (torch.randn(5, 10), torch.arange(5))
+        >>> query = (torch.randn(10, 10), torch.arange(5).repeat(2))
+        >>> loss = default_evaluator_classification(maml(support), query)
+        >>> loss.backward()
+        >>> net[0].weight.grad.shape
+        torch.Size([20, 10])
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        steps_train: int = 1,
+        steps_eval: int | None = None,
+        lr: float | Tensor | Mapping[str, Tensor] = 0.01,
+        evaluator: Callable[[Any, Any], Tensor] = default_evaluator_classification,
+        first_order: bool = False,
+        adapt: AdaptSpec = None,
+        optimizer: Any = None,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"`{type(self).__name__}` expects an `nn.Module` as `model`, got `{type(model).__name__}`.")
+        steps_train = check_steps(steps_train, "steps_train")
+        steps_eval = steps_train if steps_eval is None else check_steps(steps_eval, "steps_eval")
+        if not callable(evaluator):
+            raise TypeError(f"`evaluator` must be callable, got `{type(evaluator).__name__}`.")
+        if optimizer is not None and not (hasattr(optimizer, "init") and hasattr(optimizer, "step")):
+            raise TypeError(
+                f"`optimizer` must be an inner optimizer from `metann.optim`, got `{type(optimizer).__name__}`."
+            )
+        adapt_names = resolve_adapt(model, adapt)
+        _check_lr(lr, adapt_names, dict(model.named_parameters()))
+        super().__init__()
+        self.model = model
+        self.steps_train = steps_train
+        self.steps_eval = steps_eval
+        self.lr = lr
+        self.evaluator = evaluator
+        self.first_order = bool(first_order)
+        self.optimizer = optimizer
+        self.adapt_names = adapt_names
+        self.__dict__["_learner"] = Learner(model)
+        self._needs_math_attention = _has_custom_or_attention(model)
+        self._math_active = False
+
+    @property
+    def steps(self) -> int:
+        """Inner steps for the current mode."""
+        return self.steps_train if self.training else self.steps_eval
+
+    @property
+    def second_order(self) -> bool:
+        """Whether inner steps now build a second-order graph (train mode and not first order)."""
+        return self.training and not self.first_order
+
+    def clone(self) -> FastModel:
+        """Return an unadapted :class:`FastModel` for a hand-written inner loop."""
+        return FastModel(self, dict(self.model.named_parameters()))
+
+    def forward(self, data: Any) -> FastModel:
+        """Adapt to ``data`` with the current mode's number of steps and return the :class:`FastModel`."""
+        return self.clone().adapt_on(data)
+
+    @contextlib.contextmanager
+    def _math_attention(self) -> Iterator[None]:
+        """Run under the math attention kernel while a second-order graph of an attention model is built."""
+        if not (self._needs_math_attention and self.second_order) or self._math_active:
+            yield
+            return
+        self._math_active = True
+        try:
+            with math_attention():
+                yield
+        finally:
+            self._math_active = False
+
+    def inner_rates(self, names: list[str]) -> float | Tensor | Mapping[str, Tensor]:
+        """The inner learning rate(s) used for ``names`` (overridden by learnable-rate variants)."""
+        return self.lr
+
+    def _step(
+        self, params: dict[str, Tensor], names: list[str], loss: Tensor, state: Any, step: int
+    ) -> tuple[dict[str, Tensor], Any]:
+        """One inner step: gradients of ``loss`` for ``names``, then the update rule."""
+        grads = torch.autograd.grad(
+            loss, [params[n] for n in names], create_graph=self.second_order, allow_unused=True
+        )
+        new = dict(params)
+        if self.optimizer is not None:
+            given = {n: g for n, g in zip(names, grads) if g is not None}
+            updated, state = self.optimizer.step({n: params[n] for n in given}, given, state)
+            new.update(updated)
+            return new, state
+        lr = self.inner_rates(names)
+        if isinstance(lr, Mapping):
+            for n, g in zip(names, grads):
+                if g is not None:
+                    new[n] = torch.addcmul(params[n], lr[n], g, value=-1)
+        elif isinstance(lr, Tensor):
+            for n, g in zip(names, grads):
+                if g is not None:
+                    new[n] = params[n] - lr * g
+        else:
+            for n, g in zip(names, grads):
+                if g is not None:
+                    new[n] = torch.add(params[n], g, alpha=-lr)
+        return new, state
+
+    def extra_repr(self) -> str:
+        order = "first" if self.first_order else "second"
+        return f"steps_train={self.steps_train}, steps_eval={self.steps_eval}, lr={self.lr}, order={order}"
+
