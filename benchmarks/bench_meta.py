@@ -1,0 +1,322 @@
+"""Time one MAML meta-step through metann and through hand-written references, interleaved.
+
+Each implementation runs in its own worker process (``OMP_WAIT_POLICY=PASSIVE``, a fixed
+thread count) that stays alive for the whole run; the parent asks the workers in turn
+to time a batch of meta-steps, round after round, so slow phases of this shared machine
+hit every implementation alike. Before timing, every implementation's meta-gradient is
+compared with a float64 hand-written reference. The report gives the median time per
+meta-step, the ratio to the hand-written reference of the same run, and the peak tensor
+memory of one meta-step (from ``torch.profiler`` allocation events).
+
+Usage::
+
+    python benchmarks/bench_meta.py                      # every workload, 7 rounds
+    python benchmarks/bench_meta.py --workloads sine2 --rounds 5 --json out.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# ----------------------------------------------------------------------------- workloads
+
+
+def conv4(ways: int = 5) -> nn.Sequential:
+    """The four-block conv net of few-shot Omniglot (64 filters, batch statistics)."""
+    layers: list[nn.Module] = []
+    for i in range(4):
+        layers += [
+            nn.Conv2d(1 if i == 0 else 64, 64, 3, padding=1),
+            nn.BatchNorm2d(64, track_running_stats=False),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+        ]
+    return nn.Sequential(*layers, nn.Flatten(), nn.Linear(64, ways))
+
+
+def conv4_forward(params, x):
+    h = x
+    for i in range(4):
+        w, b, gamma, beta = params[4 * i : 4 * i + 4]
+        h = F.conv2d(h, w, b, padding=1)
+        h = F.batch_norm(h, None, None, gamma, beta, training=True)
+        h = F.max_pool2d(F.relu(h), 2)
+    return F.linear(h.flatten(1), params[16], params[17])
+
+
+def mlp(sizes: list[int]) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+        layers.append(nn.Linear(a, b))
+        if i < len(sizes) - 2:
+            layers.append(nn.ReLU())
+    return nn.Sequential(*layers)
+
+
+def mlp_forward(params, x):
+    h = x
+    n = len(params) // 2
+    for i in range(n):
+        h = F.linear(h, params[2 * i], params[2 * i + 1])
+        if i < n - 1:
+            h = F.relu(h)
+    return h
+
+
+def sine_tasks(n_tasks, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    tasks = []
+    for _ in range(n_tasks):
+        amp = torch.rand((), generator=g) * 4.9 + 0.1
+        phase = torch.rand((), generator=g) * torch.pi
+        x = torch.rand(20, 1, generator=g) * 10 - 5
+        y = amp * torch.sin(x + phase)
+        x, y = x.to(dtype), y.to(dtype)
+        tasks.append(((x[:10], y[:10]), (x[10:], y[10:])))
+    return tasks
+
+
+def image_tasks(n_tasks, dtype, shots, queries, ways=5, seed=0, size=28):
+    g = torch.Generator().manual_seed(seed)
+    tasks = []
+    for _ in range(n_tasks):
+        xs = torch.randn(ways * shots, 1, size, size, generator=g).to(dtype)
+        xq = torch.randn(ways * queries, 1, size, size, generator=g).to(dtype)
+        ys = torch.arange(ways).repeat_interleave(shots)
+        yq = torch.arange(ways).repeat_interleave(queries)
+        tasks.append(((xs, ys), (xq, yq)))
+    return tasks
+
+
+def flat_tasks(n_tasks, dtype, shots, queries, ways=5, seed=0):
+    return [((xs.flatten(1), ys), (xq.flatten(1), yq)) for (xs, ys), (xq, yq) in image_tasks(n_tasks, dtype, shots, queries, ways, seed)]
+
+
+WORKLOADS = {
+    # name: (model factory, functional forward, tasks(dtype), loss, inner steps, first order, inner lr)
+    "sine2": (lambda: mlp([1, 40, 40, 1]), mlp_forward, lambda d: sine_tasks(25, d), F.mse_loss, 5, False, 0.01),
+    "sine1": (lambda: mlp([1, 40, 40, 1]), mlp_forward, lambda d: sine_tasks(25, d), F.mse_loss, 5, True, 0.01),
+    "conv4_1step": (conv4, conv4_forward, lambda d: image_tasks(4, d, 1, 15), F.cross_entropy, 1, False, 0.4),
+    "conv4_5step": (conv4, conv4_forward, lambda d: image_tasks(4, d, 1, 15), F.cross_entropy, 5, False, 0.4),
+    "wide": (lambda: mlp([784, 1024, 1024, 10]), mlp_forward, lambda d: flat_tasks(4, d, 5, 15), F.cross_entropy, 1, False, 0.1),
+}
+
+# ----------------------------------------------------------------------------- implementations
+
+
+def make_step(impl: str, workload: str, dtype: torch.dtype):
+    """Return ``(model, step)``: ``step()`` runs one meta-step (forward over all tasks and backward)."""
+    make, forward, tasks_of, loss_fn, steps, first_order, lr = WORKLOADS[workload]
+    torch.manual_seed(0)
+    model = make().to(dtype)
+    tasks = tasks_of(dtype)
+    params = list(model.parameters())
+    names = [n for n, _ in model.named_parameters()]
+    create_graph = not first_order
+
+    if impl == "hand":
+
+        def step():
+            total = 0.0
+            for (xs, ys), (xq, yq) in tasks:
+                fast = params
+                for _ in range(steps):
+                    grads = torch.autograd.grad(loss_fn(forward(fast, xs), ys), fast, create_graph=create_graph)
+                    fast = [p - lr * g for p, g in zip(fast, grads)]
+                total = total + loss_fn(forward(fast, xq), yq)
+            (total / len(tasks)).backward()
+
+    elif impl == "functional_call":
+        call = torch.func.functional_call
+
+        def step():
+            total = 0.0
+            for (xs, ys), (xq, yq) in tasks:
+                fast = dict(zip(names, params))
+                for _ in range(steps):
+                    loss = loss_fn(call(model, fast, (xs,)), ys)
+                    grads = torch.autograd.grad(loss, list(fast.values()), create_graph=create_graph)
+                    fast = {n: p - lr * g for (n, p), g in zip(fast.items(), grads)}
+                total = total + loss_fn(call(model, fast, (xq,)), yq)
+            (total / len(tasks)).backward()
+
+    elif impl == "metann":
+        from metann.meta import MAML
+
+        maml = MAML(model, steps_train=steps, lr=lr, first_order=first_order, evaluator=lambda m, d: loss_fn(m(d[0]), d[1]))
+
+        def step():
+            total = 0.0
+            for support, (xq, yq) in tasks:
+                total = total + loss_fn(maml(support)(xq), yq)
+            (total / len(tasks)).backward()
+
+    else:
+        raise SystemExit(f"unknown implementation {impl!r}")
+
+    def meta_step():
+        for p in params:
+            p.grad = None
+        step()
+
+    return model, meta_step
+
+
+def peak_memory(step) -> int:
+    """Peak bytes of tensors allocated during one ``step()``, from profiler allocation events."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    # Each op's own allocations are its `self_cpu_memory_usage`; frees show up as "[memory]"
+    # events with negative sizes. Replaying them in time order gives the live bytes.
+    events = sorted((e for e in prof.events() if e.self_cpu_memory_usage), key=lambda e: e.time_range.start)
+    current = peak = 0
+    for e in events:
+        current += e.self_cpu_memory_usage
+        peak = max(peak, current)
+    return peak
+
+
+# ----------------------------------------------------------------------------- worker side
+
+
+def worker(impl: str, workload: str, threads: int) -> None:
+    torch.set_num_threads(threads)
+    grads_file = sys.stdin.readline().strip()
+    out = {}
+    for dtype in (torch.float64, torch.float32):
+        model, step = make_step(impl, workload, dtype)
+        step()
+        out[str(dtype)] = [p.grad.detach().clone() for p in model.parameters()]
+    torch.save(out, grads_file)
+    model, step = make_step(impl, workload, torch.float32)
+    step()
+    step()
+    memory = peak_memory(step)
+    print(json.dumps({"ready": True, "peak_bytes": memory}), flush=True)
+    for line in sys.stdin:
+        iterations = int(line)
+        start = time.perf_counter()
+        for _ in range(iterations):
+            step()
+        print(json.dumps({"seconds": (time.perf_counter() - start) / iterations}), flush=True)
+
+
+# ----------------------------------------------------------------------------- parent side
+
+
+def check_gradients(files: dict[str, str], reference: str = "hand") -> dict[str, float]:
+    """Largest error of each implementation's float32 meta-gradient, relative to the float64 reference's size.
+
+    The float32 round-off of the hand-written reference sets the bar: an implementation
+    passes when its error is within 10x of the reference's own float32 error.
+    """
+    truth = torch.load(files[reference], weights_only=True)[str(torch.float64)]
+    scale = max(t.abs().max().item() for t in truth)
+    errors = {}
+    for impl, path in files.items():
+        grads = torch.load(path, weights_only=True)
+        err64 = max((g - t).abs().max().item() for g, t in zip(grads[str(torch.float64)], truth)) / scale
+        err32 = max((g.double() - t).abs().max().item() for g, t in zip(grads[str(torch.float32)], truth)) / scale
+        errors[impl] = {"float64": err64, "float32": err32}
+    bar = max(errors[reference]["float32"] * 10, 1e-5)
+    for impl, err in errors.items():
+        err["ok"] = err["float64"] < 1e-9 and err["float32"] <= bar
+    return errors
+
+
+def run_workload(workload: str, impls: list[str], rounds: int, seconds: float, threads: int) -> dict:
+    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", OMP_NUM_THREADS=str(threads))
+    tmp = tempfile.mkdtemp(prefix="metann-bench-")
+    procs, files, memory = {}, {}, {}
+    log = open(os.path.join(tmp, "workers.log"), "w")  # the profiler is chatty on stderr
+    for impl in impls:
+        procs[impl] = subprocess.Popen(
+            [sys.executable, __file__, "--worker", impl, "--workloads", workload, "--threads", str(threads)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, env=env, text=True,
+        )
+        files[impl] = os.path.join(tmp, f"{impl}.pt")
+        procs[impl].stdin.write(files[impl] + "\n")
+        procs[impl].stdin.flush()
+    try:
+        for impl in impls:
+            memory[impl] = json.loads(procs[impl].stdout.readline())["peak_bytes"]
+        errors = check_gradients(files)
+        # Calibrate: iterations per batch so that a batch of the reference takes about `seconds`.
+        procs["hand"].stdin.write("1\n")
+        procs["hand"].stdin.flush()
+        one = json.loads(procs["hand"].stdout.readline())["seconds"]
+        iterations = max(1, int(seconds / max(one, 1e-6)))
+        times: dict[str, list[float]] = {impl: [] for impl in impls}
+        for r in range(rounds):
+            order = impls if r % 2 == 0 else impls[::-1]
+            for impl in order:
+                procs[impl].stdin.write(f"{iterations}\n")
+                procs[impl].stdin.flush()
+                times[impl].append(json.loads(procs[impl].stdout.readline())["seconds"])
+    finally:
+        for proc in procs.values():
+            proc.stdin.close()
+            proc.wait(timeout=60)
+        log.close()
+    medians = {impl: statistics.median(t) for impl, t in times.items()}
+    return {
+        impl: {
+            "median_ms": medians[impl] * 1e3,
+            "ratio": medians[impl] / medians["hand"],
+            "peak_mb": memory[impl] / 2**20,
+            "memory_ratio": memory[impl] / memory["hand"] if memory["hand"] else float("nan"),
+            "grad_error": errors[impl],
+        }
+        for impl in impls
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workloads", default=",".join(WORKLOADS))
+    parser.add_argument("--impls", default="hand,functional_call,metann")
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--seconds", type=float, default=1.0, help="target seconds per timed batch")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--json", help="also write the results as JSON to this path")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        return worker(args.worker, args.workloads, args.threads)
+    impls = args.impls.split(",")
+    if impls[0] != "hand":
+        impls = ["hand"] + [i for i in impls if i != "hand"]
+    results = {}
+    print(f"torch {torch.__version__}, {args.threads} thread(s), {args.rounds} interleaved rounds, median per meta-step")
+    header = f"{'workload':<12} {'implementation':<16} {'ms/step':>9} {'ratio':>7} {'peak MB':>9} {'mem ratio':>9}  gradient"
+    print(header)
+    print("-" * len(header))
+    for workload in args.workloads.split(","):
+        results[workload] = run_workload(workload, impls, args.rounds, args.seconds, args.threads)
+        for impl, r in results[workload].items():
+            e = r["grad_error"]
+            verdict = "ok" if e["ok"] else "WRONG"
+            print(
+                f"{workload:<12} {impl:<16} {r['median_ms']:9.2f} {r['ratio']:7.3f} {r['peak_mb']:9.2f} "
+                f"{r['memory_ratio']:9.3f}  {verdict} (f64 {e['float64']:.1e}, f32 {e['float32']:.1e})",
+                flush=True,
+            )
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"torch": torch.__version__, "threads": args.threads, "results": results}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
