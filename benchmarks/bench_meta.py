@@ -16,6 +16,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -161,6 +162,34 @@ def make_step(impl: str, workload: str, dtype: torch.dtype):
                 total = total + loss_fn(maml(support)(xq), yq)
             (total / len(tasks)).backward()
 
+    elif impl == "vmap":  # the torch.func recipe: vmap over tasks, torch.func.grad inner steps
+        call, grad, vmap = torch.func.functional_call, torch.func.grad, torch.func.vmap
+        stacked = [torch.stack(c) for c in zip(*[(*s, *q) for s, q in tasks])]
+
+        def inner_loss(fast, x, y):
+            return loss_fn(call(model, fast, (x,)), y)
+
+        def task_loss(xs, ys, xq, yq):
+            fast = dict(zip(names, params))
+            for _ in range(steps):
+                grads = grad(inner_loss)(fast, xs, ys)
+                if first_order:
+                    grads = {n: g.detach() for n, g in grads.items()}
+                fast = {n: p - lr * grads[n] for n, p in fast.items()}
+            return loss_fn(call(model, fast, (xq,)), yq)
+
+        def step():
+            vmap(task_loss)(*stacked).mean().backward()
+
+    elif impl == "metann_batched":
+        from metann.meta import MAML
+
+        maml = MAML(model, steps_train=steps, lr=lr, first_order=first_order, evaluator=lambda m, d: loss_fn(m(d[0]), d[1]))
+        maml.batched(tasks)  # refuses (ValueError) where vmap is known to be wrong
+
+        def step():
+            maml.batched(tasks).mean().backward()
+
     else:
         raise SystemExit(f"unknown implementation {impl!r}")
 
@@ -195,6 +224,11 @@ def worker(impl: str, workload: str, threads: int) -> None:
     torch.set_num_threads(threads)
     grads_file = sys.stdin.readline().strip()
     out = {}
+    try:
+        make_step(impl, workload, torch.float32)
+    except ValueError as err:  # the implementation refuses this workload
+        print(json.dumps({"refused": str(err)}), flush=True)
+        return
     for dtype in (torch.float64, torch.float32):
         model, step = make_step(impl, workload, dtype)
         step()
@@ -250,9 +284,15 @@ def run_workload(workload: str, impls: list[str], rounds: int, seconds: float, t
         procs[impl].stdin.write(files[impl] + "\n")
         procs[impl].stdin.flush()
     try:
+        refused = {}
         for impl in impls:
-            memory[impl] = json.loads(procs[impl].stdout.readline())["peak_bytes"]
-        errors = check_gradients(files)
+            answer = json.loads(procs[impl].stdout.readline())
+            if "refused" in answer:
+                refused[impl] = answer["refused"]
+            else:
+                memory[impl] = answer["peak_bytes"]
+        impls = [impl for impl in impls if impl not in refused]
+        errors = check_gradients({impl: files[impl] for impl in impls})
         # Calibrate: iterations per batch so that a batch of the reference takes about `seconds`.
         procs["hand"].stdin.write("1\n")
         procs["hand"].stdin.flush()
@@ -267,11 +307,12 @@ def run_workload(workload: str, impls: list[str], rounds: int, seconds: float, t
                 times[impl].append(json.loads(procs[impl].stdout.readline())["seconds"])
     finally:
         for proc in procs.values():
-            proc.stdin.close()
+            with contextlib.suppress(BrokenPipeError):
+                proc.stdin.close()
             proc.wait(timeout=60)
         log.close()
     medians = {impl: statistics.median(t) for impl, t in times.items()}
-    return {
+    return {impl: {"refused": reason} for impl, reason in refused.items()} | {
         impl: {
             "median_ms": medians[impl] * 1e3,
             "ratio": medians[impl] / medians["hand"],
@@ -286,7 +327,7 @@ def run_workload(workload: str, impls: list[str], rounds: int, seconds: float, t
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workloads", default=",".join(WORKLOADS))
-    parser.add_argument("--impls", default="hand,functional_call,metann")
+    parser.add_argument("--impls", default="hand,functional_call,vmap,metann,metann_batched")
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--seconds", type=float, default=1.0, help="target seconds per timed batch")
     parser.add_argument("--threads", type=int, default=1)
@@ -306,6 +347,9 @@ def main() -> None:
     for workload in args.workloads.split(","):
         results[workload] = run_workload(workload, impls, args.rounds, args.seconds, args.threads)
         for impl, r in results[workload].items():
+            if "refused" in r:
+                print(f"{workload:<12} {impl:<16} refused: {r['refused'][:90]}", flush=True)
+                continue
             e = r["grad_error"]
             verdict = "ok" if e["ok"] else "WRONG"
             print(

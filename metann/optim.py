@@ -49,11 +49,10 @@ def _safe_sqrt(x: Tensor) -> Tensor:
     at 0, so an exactly-zero second moment (a dead ReLU unit, an unused parameter) turns
     ``0 * inf`` into NaN in a second-order meta-gradient. Here the zero entries take the
     square root of a safe input (1) and are then overwritten with 0, so their derivative
-    is 0 -- a valid subgradient, since a zero moment comes from zero gradients. Without a
-    graph this is a single ``sqrt``.
+    is 0 -- a valid subgradient, since a zero moment comes from zero gradients. The mask is
+    applied even when ``x`` does not require grad: under ``torch.func`` transforms (the
+    batched meta-batch path) ``requires_grad`` does not tell whether an outer graph exists.
     """
-    if not x.requires_grad:
-        return x.sqrt()
     zero = x == 0
     return x.masked_fill(zero, 1.0).sqrt().masked_fill(zero, 0.0)
 

@@ -11,7 +11,8 @@ from torch import Tensor, nn
 
 from metann.functional import _check_lr, _has_custom_or_attention, math_attention
 from metann.learner import Learner
-from metann.meta.evaluators import default_evaluator_classification
+from metann.meta.batched import batched_query_losses
+from metann.meta.evaluators import default_evaluator_classification, default_evaluator_regression
 
 __all__ = ["MAML", "FastModel"]
 
@@ -225,6 +226,41 @@ class MAML(nn.Module):
     def forward(self, data: Any) -> FastModel:
         """Adapt to ``data`` with the current mode's number of steps and return the :class:`FastModel`."""
         return self.clone().adapt_on(data)
+
+    def batched(self, tasks: Any) -> Tensor:
+        """Adapt to a whole meta-batch in one vectorised call and return the per-task query losses.
+
+        All tasks' inner loops run at once under ``torch.func.vmap`` (gradients from
+        ``torch.func.grad``), through the same engine as the loop; the returned losses
+        (shape ``(num_tasks,)``) give the loop's meta-gradient, e.g.
+        ``maml.batched(tasks).mean().backward()``. It supports every order, MetaSGD,
+        ANIL and the :mod:`metann.optim` inner optimizers.
+
+        When to use it: many tasks on a small model (sine-wave MLPs: several times
+        faster than the loop). On large models the loop is as fast and needs less
+        memory. Tasks must share their shapes.
+
+        Args:
+            tasks: A list of tasks (with ``support``/``query`` pairs) or the stacked
+                tensors ``(support_x, support_y, query_x, query_y)``.
+
+        Returns:
+            The query losses after adaptation, one per task.
+
+        Raises:
+            ValueError: For ragged tasks, for batch norm tracking running statistics in
+                train mode, and for second order through a convolution followed by batch
+                norm, which ``torch.func.vmap`` gets wrong in torch 2.13 (use the loop or
+                ``first_order=True``).
+
+        Example:
+            >>> net = torch.nn.Sequential(torch.nn.Linear(1, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1))
+            >>> maml = MAML(net, steps_train=2, lr=0.01, evaluator=default_evaluator_regression)
+            >>> tasks = [((torch.randn(5, 1), torch.randn(5, 1)), (torch.randn(5, 1), torch.randn(5, 1)))] * 3
+            >>> maml.batched(tasks).shape
+            torch.Size([3])
+        """
+        return batched_query_losses(self, tasks)
 
     @contextlib.contextmanager
     def _math_attention(self) -> Iterator[None]:
