@@ -340,6 +340,9 @@ class MetaTrainer:
     def meta_step(self, tasks: Sequence[Any]) -> float:
         """One meta-update on ``tasks``: clear gradients, adapt to each support set, back-propagate the mean query loss, step.
 
+        Each task's loss comes from ``maml.meta_objective(task)`` when the algorithm
+        defines it (MAML and its relatives do), else from ``maml.evaluator(maml(support), query)``.
+
         In a distributed run ``tasks`` is this rank's share and the mean runs over the
         tasks of all ranks.
 
@@ -356,15 +359,19 @@ class MetaTrainer:
             total = losses.detach().sum().item()
         else:
             total = 0.0
-            evaluator = self.maml.evaluator
+            objective = getattr(self.maml, "meta_objective", None) or self._default_objective
             for task in tasks:
-                loss = evaluator(self.maml(task.support), task.query)
+                loss, reported = objective(task)
                 (loss / count).backward()  # one task's graph at a time keeps the peak memory low
-                total += loss.item()
+                total += float(reported)
         if self.distributed:
             self._all_reduce_grads()
         self.meta_optimizer.step()
         return self._all_reduce_sum([total])[0] / count
+
+    def _default_objective(self, task: Any) -> tuple[Tensor, Tensor]:
+        loss = self.maml.evaluator(self.maml(task.support), task.query)
+        return loss, loss
 
     def evaluate(self, tasks: Sequence[Any]) -> float:
         """Mean query loss after adaptation (eval mode: ``steps_eval`` first-order steps).

@@ -227,6 +227,20 @@ class MAML(nn.Module):
         """Adapt to ``data`` with the current mode's number of steps and return the :class:`FastModel`."""
         return self.clone().adapt_on(data)
 
+    def meta_objective(self, task: Any) -> tuple[Tensor, Tensor]:
+        """This task's contribution to a meta-step: ``(objective, query_loss)``.
+
+        ``objective.backward()`` gives the task's meta-gradient and ``query_loss`` is the
+        number to report. For MAML both are the query loss after adapting to the support
+        set; variants (multi-step losses, Reptile) override this, and
+        :class:`~metann.train.MetaTrainer` only calls this method.
+
+        Args:
+            task: An object with ``support`` and ``query`` pairs (e.g. :class:`~metann.data.Task`).
+        """
+        loss = self.evaluator(self(task.support), task.query)
+        return loss, loss
+
     def batched(self, tasks: Any) -> Tensor:
         """Adapt to a whole meta-batch in one vectorised call and return the per-task query losses.
 
