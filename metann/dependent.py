@@ -232,13 +232,16 @@ class DependentModule(nn.Module, metaclass=_DependentMeta):
         Returns:
             ``self``, whose class and submodules' classes are the original ones again.
         """
+        tied: dict[int, nn.Parameter] = {}  # one Parameter per registry entry keeps tied weights tied
         for m in list(self.modules()):
             registry = m.__dict__.pop("_dependents", None)
             if registry is None:
                 continue
-            for name in registry:
+            for name, entry in registry.items():
                 value = m.__dict__.pop(name, None)
-                m._parameters[name] = None if value is None else nn.Parameter(value.detach())
+                if value is not None and id(entry) not in tied:
+                    tied[id(entry)] = nn.Parameter(value.detach())
+                m._parameters[name] = None if value is None else tied[id(entry)]
             m.__dict__.pop("_metann_plan", None)
             m.__class__ = type(m)._original_class or type(m)
         _bump()

@@ -39,16 +39,10 @@ class SubDict(MutableMapping):
         if missing:
             raise KeyError(f"`SubDict` keys {sorted(map(str, missing))} are not in the super dict.")
         self._keys = dict.fromkeys(keys)
-        self._order()
-
-    def _order(self) -> None:
-        if self.keep_order:
-            self._keys = {k: None for k in self.super_dict if k in self._keys}
 
     def update_keys(self) -> None:
         """Drop the keys that the super dict no longer has."""
         self._keys = {k: None for k in self._keys if k in self.super_dict}
-        self._order()
 
     def __getitem__(self, key: Any) -> Any:
         if key not in self._keys:
@@ -59,15 +53,16 @@ class SubDict(MutableMapping):
         self.super_dict[key] = value
         if key not in self._keys:
             self._keys[key] = None
-            self._order()
 
     def __delitem__(self, key: Any) -> None:
-        if key not in self._keys:
+        if key not in self._keys or key not in self.super_dict:  # check both before changing either
             raise KeyError(key)
-        del self._keys[key]
         del self.super_dict[key]
+        del self._keys[key]
 
     def __iter__(self) -> Iterator[Any]:
+        if self.keep_order:  # the super dict's current order: a key deleted and re-inserted moves last
+            return iter([k for k in self.super_dict if k in self._keys])
         return iter([k for k in self._keys if k in self.super_dict])
 
     def __len__(self) -> int:
