@@ -363,7 +363,7 @@ class MetaTrainer:
             for task in tasks:
                 loss, reported = objective(task)
                 (loss / count).backward()  # one task's graph at a time keeps the peak memory low
-                total += float(reported)
+                total += float(reported.detach()) if isinstance(reported, Tensor) else float(reported)
         if self.distributed:
             self._all_reduce_grads()
         self.meta_optimizer.step()
