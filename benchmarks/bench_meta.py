@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import os
 import statistics
@@ -57,7 +58,7 @@ def conv4_forward(params, x):
 
 def mlp(sizes: list[int]) -> nn.Sequential:
     layers: list[nn.Module] = []
-    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+    for i, (a, b) in enumerate(itertools.pairwise(sizes)):
         layers.append(nn.Linear(a, b))
         if i < len(sizes) - 2:
             layers.append(nn.ReLU())
@@ -265,7 +266,7 @@ def check_gradients(files: dict[str, str], reference: str = "hand") -> dict[str,
         err32 = max((g.double() - t).abs().max().item() for g, t in zip(grads[str(torch.float32)], truth)) / scale
         errors[impl] = {"float64": err64, "float32": err32}
     bar = max(errors[reference]["float32"] * 10, 1e-5)
-    for impl, err in errors.items():
+    for err in errors.values():
         err["ok"] = err["float64"] < 1e-9 and err["float32"] <= bar
     return errors
 
@@ -274,7 +275,7 @@ def run_workload(workload: str, impls: list[str], rounds: int, seconds: float, t
     env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", OMP_NUM_THREADS=str(threads))
     tmp = tempfile.mkdtemp(prefix="metann-bench-")
     procs, files, memory = {}, {}, {}
-    log = open(os.path.join(tmp, "workers.log"), "w")  # the profiler is chatty on stderr
+    log = open(os.path.join(tmp, "workers.log"), "w")  # noqa: SIM115 -- closed in `finally`; the profiler is chatty
     for impl in impls:
         procs[impl] = subprocess.Popen(
             [sys.executable, __file__, "--worker", impl, "--workloads", workload, "--threads", str(threads)],

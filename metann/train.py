@@ -256,9 +256,14 @@ class MetaTrainer:
         vectorize: bool = False,
     ) -> None:
         if not isinstance(maml, nn.Module) or not callable(getattr(maml, "evaluator", None)):
-            raise TypeError(f"`maml` must be a metann.meta algorithm (an `nn.Module` with an `evaluator`), got `{type(maml).__name__}`.")
+            raise TypeError(
+                "`maml` must be a metann.meta algorithm (an `nn.Module` with an `evaluator`), "
+                f"got `{type(maml).__name__}`."
+            )
         if not isinstance(meta_optimizer, torch.optim.Optimizer):
-            raise TypeError(f"`meta_optimizer` must be a `torch.optim.Optimizer`, got `{type(meta_optimizer).__name__}`.")
+            raise TypeError(
+                f"`meta_optimizer` must be a `torch.optim.Optimizer`, got `{type(meta_optimizer).__name__}`."
+            )
         if not callable(getattr(task_sampler, "sample", None)):
             raise TypeError(f"`task_sampler` must have a `sample(n)` method, got `{type(task_sampler).__name__}`.")
         self.maml = maml
@@ -338,7 +343,9 @@ class MetaTrainer:
         return [t.to(self.device) if hasattr(t, "to") else t for t in tasks]
 
     def meta_step(self, tasks: Sequence[Any]) -> float:
-        """One meta-update on ``tasks``: clear gradients, adapt to each support set, back-propagate the mean query loss, step.
+        """One meta-update on ``tasks``: adapt to each support set, back-propagate the mean query loss, step.
+
+        Stale gradients are cleared first.
 
         Each task's loss comes from ``maml.meta_objective(task)`` when the algorithm
         defines it (MAML and its relatives do), else from ``maml.evaluator(maml(support), query)``.

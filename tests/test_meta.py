@@ -344,7 +344,7 @@ def test_bad_per_parameter_lr_shape():
 
 
 def test_bad_model_and_head():
-    with pytest.raises(TypeError, match="expects an `nn.Module` as `model`, got `list`"):
+    with pytest.raises(TypeError, match=re.escape("expects an `nn.Module` as `model`, got `list`")):
         MAML([nn.Linear(1, 1)])
     net = sine_mlp()
     with pytest.raises(ValueError, match=re.escape("`head` `Linear` is not part of the model")):
