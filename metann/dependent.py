@@ -19,6 +19,10 @@ _structure_version = 0
 _CLASS_CACHE: dict[type, type] = {}
 
 
+# Stands in for the shape of a value that is not a tensor: equal to no registered shape.
+_NOT_A_TENSOR = object()
+
+
 def _bump() -> None:
     global _structure_version
     _structure_version += 1
@@ -97,9 +101,13 @@ class _Plan:
     ``entries[i]`` is ``(name, registry entry, slots)``, where a slot is
     ``(module.__dict__, attribute, module or None, flat index)``; the module and index
     are set for recurrent modules whose ``_flat_weights`` list must follow the value.
+    ``registered[i]`` is the registry entry of ``entries[i]`` and ``shapes[i]`` its
+    registered shape; ``plain`` and ``recurrent`` list every slot once, as
+    ``(i, module.__dict__, attribute[, module, flat index])``, so that writing all
+    dependents is one flat loop.
     """
 
-    __slots__ = ("entries", "index", "names", "version")
+    __slots__ = ("entries", "index", "names", "plain", "recurrent", "registered", "shapes", "version")
 
     def __init__(self, root: DependentModule) -> None:
         by_entry: dict[int, tuple[str, _Dependent, list[tuple]]] = {}
@@ -116,7 +124,25 @@ class _Plan:
         self.entries = list(by_entry.values())
         self.names = [name for name, _, _ in self.entries]
         self.index = {name: i for i, name in enumerate(self.names)}
+        self.registered = [entry for _, entry, _ in self.entries]
+        self.shapes = [entry.shape for entry in self.registered]  # `update_shapes` rebuilds plans
+        slots = [(i, *slot) for i, (_, _, entry_slots) in enumerate(self.entries) for slot in entry_slots]
+        self.plain = [(i, slot_dict, attr) for i, slot_dict, attr, rnn, _ in slots if rnn is None]
+        self.recurrent = [slot for slot in slots if slot[3] is not None]
         self.version = _structure_version
+
+    def write_all(self, values: list[Tensor] | tuple[Tensor, ...] | None) -> None:
+        """Store ``values[i]`` in every slot of dependent ``i`` (``None``: clear every slot)."""
+        if values is None:
+            for _, slot_dict, attr in self.plain:
+                slot_dict[attr] = None
+        else:
+            for i, slot_dict, attr in self.plain:
+                slot_dict[attr] = values[i]
+        for i, slot_dict, attr, rnn, flat in self.recurrent:
+            value = None if values is None else values[i]
+            slot_dict[attr] = value
+            _set_flat_weight(rnn, flat, value)
 
 
 def _write(slots: list[tuple], value: Tensor | None) -> None:
@@ -331,6 +357,7 @@ class DependentModule(nn.Module, metaclass=_DependentMeta):
                 value = module.__dict__.get(name)
                 if value is not None:
                     entry.shape = value.shape
+        _bump()  # substitution plans copy the registered shapes
 
     # ------------------------------------------------------------------ iteration
     def named_dependents(self, prefix: str = "", recurse: bool = True) -> Iterator[tuple[str, Tensor | None]]:
@@ -422,17 +449,19 @@ class DependentModule(nn.Module, metaclass=_DependentMeta):
                 or a shape differs from the registered shape.
             TypeError: If a value is not a tensor.
         """
-        entries = self._plan().entries
+        plan = self._plan()
         values = params if isinstance(params, (list, tuple)) else list(params)
-        if len(values) != len(entries):
+        if len(values) != len(plan.registered):
             raise ValueError(
                 f"`substitute_from_list` on `{type(self).__name__}` got {len(values)} tensors, "
-                f"expected {len(entries)} (one per dependent, in `named_dependents()` order)."
+                f"expected {len(plan.registered)} (one per dependent, in `named_dependents()` order)."
             )
-        for entry, value in zip(entries, values):
-            self._check(entry, value)
-        for entry, value in zip(entries, values):
-            _write(entry[2], value)
+        # Validate everything first. This is the hot path of every inner step: one list
+        # comparison when all is well, the detailed check (which raises) otherwise.
+        if [v.shape if isinstance(v, Tensor) else _NOT_A_TENSOR for v in values] != plan.shapes:
+            for entry, value in zip(plan.entries, values):
+                self._check(entry, value)
+        plan.write_all(values)
         return self
 
     def _check(self, entry: tuple[str, _Dependent, list], value: Any) -> None:
@@ -450,8 +479,7 @@ class DependentModule(nn.Module, metaclass=_DependentMeta):
 
     def _release(self) -> None:
         """Set every dependent to ``None`` so that no computed weight is kept alive."""
-        for _, _, slots in self._plan().entries:
-            _write(slots, None)
+        self._plan().write_all(None)
 
     # ------------------------------------------------------------------ nn.Module hooks
     def __setattr__(self, name: str, value: Any) -> None:

@@ -93,7 +93,8 @@ class Learner(nn.Module):
             TypeError: If a value is not a tensor.
         """
         stateless = self.__dict__["_stateless"]
-        if isinstance(params, Mapping):
+        # Lists and tuples first: isinstance against the Mapping ABC is comparatively slow.
+        if not isinstance(params, (list, tuple)) and isinstance(params, Mapping):
             stateless.substitute(params)
         else:
             stateless.substitute_from_list(params)

@@ -157,7 +157,7 @@ def test_copy_then_to_double_then_substitute(case, how, seed):
     assert_close(converted(*args), expected)
 
 
-@pytest.mark.parametrize("case", [c for c in ZOO_CASES if c.values[0].id in RNN_IDS + ("mlp",)])
+@pytest.mark.parametrize("case", [c for c in ZOO_CASES if c.values[0].id in (*RNN_IDS, "mlp")])
 def test_deepcopy_of_computed_dependents_holds_detached_values(case, seed):
     module = case.make()
     args = case.args()
@@ -347,6 +347,9 @@ def test_register_dependent_and_update_shapes(seed):
     layer.scale = torch.ones(3)  # assignment does not check shapes; update_shapes re-reads them
     layer.update_shapes()
     layer.substitute({"scale": torch.zeros(3), "empty": torch.ones(5)})
+    layer.substitute_from_list([torch.zeros(3), torch.ones(5)])  # the list path sees new shapes too
+    with pytest.raises(ValueError, match=re.escape("dependent 'scale' has shape (2,), expected (3,)")):
+        layer.substitute_from_list([torch.ones(2), torch.ones(5)])
     with pytest.raises(ValueError, match=re.escape("dependent 'empty' has shape (1,), expected (5,)")):
         layer.substitute({"empty": torch.ones(1)}, strict=False)
     assert_close(layer.scale, torch.zeros(3))
@@ -370,6 +373,18 @@ def test_register_dependent_rejects_bad_names(name, error, message):
     with pytest.raises(error, match=re.escape(message)):
         layer.register_dependent(name, torch.zeros(1))
     assert dependent_names(layer) == [] and layer.__dict__ == before
+
+
+def test_a_dependent_without_shape_takes_any_tensor_but_no_other_value():
+    layer = DependentModule.stateless(nn.Linear(3, 2))
+    layer.register_dependent("free", None)
+    w, b = torch.zeros(2, 3), torch.zeros(2)
+    for value in (torch.ones(4), torch.ones(1, 1)):
+        layer.substitute_from_list([w, b, value])
+        assert layer.free is value
+    with pytest.raises(TypeError, match=re.escape("dependent 'free' of `DependentLinear` must be given a Tensor, got `int`")):
+        layer.substitute_from_list([w, b, 5])
+    assert layer.free is value
 
 
 def test_register_dependent_rejects_a_non_tensor():
