@@ -1,0 +1,4 @@
+"""``python -m metann``: the `metann` command."""
+from metann.cli import main
+
+raise SystemExit(main())
