@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from metann.functional import _check_lr, _has_custom_or_attention, math_attention
 from metann.learner import Learner
 from metann.meta.batched import batched_query_losses
+from metann.meta.compiled import check_not_compiled
 from metann.meta.evaluators import (  # noqa: F401 (the regression evaluator is used by the docstring examples)
     default_evaluator_classification,
     default_evaluator_regression,
@@ -84,6 +85,10 @@ class MAML(nn.Module):
     attention (or custom layers) run under the math attention kernel, whose backward is
     differentiable.
 
+    ``torch.compile``: a compiled model (``torch.compile(model)``, ``model.compile()`` or
+    a compiled ``forward``) is refused unless ``first_order=True``, because second-order
+    meta-gradients through compiled code are wrong in torch 2.13; first order is correct.
+
     Args:
         model: The network to meta-learn.
         steps_train: Inner steps in train mode (0: no adaptation).
@@ -95,6 +100,10 @@ class MAML(nn.Module):
             predicate on names (default: all). Others pass through unchanged.
         optimizer: A differentiable inner optimizer from :mod:`metann.optim`; its own
             ``lr`` is used and its state starts fresh for every adaptation.
+
+    Raises:
+        TypeError: For a wrong kind of argument.
+        ValueError: For negative step counts, and a compiled model with second order.
 
     Example:
         >>> net = torch.nn.Sequential(torch.nn.Linear(10, 20), torch.nn.ReLU(), torch.nn.Linear(20, 5))
@@ -130,6 +139,8 @@ class MAML(nn.Module):
             )
         adapt_names = resolve_adapt(model, adapt)
         _check_lr(lr, adapt_names, dict(model.named_parameters()))
+        if not first_order:
+            check_not_compiled(model, type(self).__name__)
         super().__init__()
         self.model = model
         self.steps_train = steps_train
