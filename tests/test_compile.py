@@ -7,6 +7,7 @@ from torch import nn
 
 from metann.meta import MAML, MetaSGD, default_evaluator_regression
 from metann.meta.compiled import compiled_parts
+from metann.meta.mamlpp import MAMLpp
 
 pytestmark = [
     # Importing torch's compiler stack (on the first `torch.compile`) warns about torch's own deprecated JIT APIs.
@@ -74,7 +75,7 @@ def test_eager_models_have_no_compiled_parts():
 
 
 @pytest.mark.parametrize("case", sorted(COMPILED))
-@pytest.mark.parametrize("algorithm", [MAML, MetaSGD], ids=lambda a: a.__name__)
+@pytest.mark.parametrize("algorithm", [MAML, MetaSGD, MAMLpp], ids=lambda a: a.__name__)
 def test_second_order_through_compiled_code_is_refused(case, algorithm):
     make, parts = COMPILED[case]
     message = (f"`{algorithm.__name__}` cannot take second-order meta-gradients through code compiled with "

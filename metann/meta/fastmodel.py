@@ -1,15 +1,16 @@
-"""FastModel, the adapted model that MAML and its relatives return."""
+"""FastModel, the adapted model that MAML and its relatives return, and its variant for the inner-loop options."""
 from __future__ import annotations
 
 import numbers
 from typing import TYPE_CHECKING, Any
 
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint
 
 if TYPE_CHECKING:
     from metann.meta.maml import MAML
 
-__all__ = ["FastModel"]
+__all__ = ["FastModel", "StepwiseFastModel"]
 
 
 def check_steps(value: Any, name: str) -> int:
@@ -85,3 +86,112 @@ class FastModel:
 
     def __repr__(self) -> str:
         return f"FastModel({type(self._wrapper).__name__}, steps_taken={self.steps_taken}, params={list(self.params)})"
+
+
+class StepwiseFastModel(FastModel):
+    """The :class:`FastModel` of a wrapper with inner-loop options (MAML++ pieces, memory controls).
+
+    It behaves like :class:`FastModel`, and also knows which inner step it is at
+    (``steps_taken``), which selects the per-step learning rates and batch-norm
+    tables, and how many steps the current adaptation plans (``planned_steps``), from
+    which truncated back-propagation counts its last steps. The plain :class:`FastModel`
+    keeps the hot path of the plain algorithms free of this bookkeeping.
+
+    Example:
+        >>> net = torch.nn.Linear(3, 1)
+        >>> maml = MAML(net, steps_train=2, per_step_lr=True, evaluator=default_evaluator_regression)
+        >>> support = (torch.randn(4, 3), torch.randn(4, 1))
+        >>> fast = maml.clone()  # a StepwiseFastModel: an option changes the inner loop
+        >>> query_losses = [fast.step_on(support).loss_on(support) for _ in range(2)]
+        >>> fast.steps_taken, len(query_losses)
+        (2, 2)
+    """
+
+    def __init__(self, wrapper: MAML, params: dict[str, Tensor], *, training: bool | None = None) -> None:
+        super().__init__(wrapper, params)
+        self.planned_steps = wrapper.steps
+        self._training = training  # fixed mode of a recomputation view; None: the wrapper's mode
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        wrapper = self._wrapper
+        training = wrapper.training if self._training is None else self._training
+        return wrapper._options_forward(self.params, self.steps_taken, training, args, kwargs)
+
+    def adapt(self, loss: Tensor) -> StepwiseFastModel:
+        """Take one differentiable inner step on ``loss`` (computed with this model); returns ``self``.
+
+        The step uses this step's learning rates, and builds a second-order graph when
+        the wrapper's order schedule and truncation allow it. A loss given here was
+        computed outside, so it is never recomputed: use :meth:`adapt_on` for
+        checkpointed steps.
+        """
+        wrapper = self._wrapper
+        step = self.steps_taken
+        create_graph = wrapper._create_graph(step, self.planned_steps)
+        self.params, self._state = wrapper._step_options(
+            self.params, self._names, loss, self._state, step, create_graph
+        )
+        self.steps_taken += 1
+        return self
+
+    def adapt_on(self, data: Any, steps: int | None = None) -> StepwiseFastModel:
+        """Take ``steps`` inner steps on ``data`` with the wrapper's evaluator; returns ``self``.
+
+        Args:
+            data: Support data for the evaluator, e.g. ``(x, y)``.
+            steps: Number of steps; ``None`` uses the wrapper's count for its current
+                mode. Truncated back-propagation counts its last steps from the end of
+                this call.
+        """
+        wrapper = self._wrapper
+        steps = wrapper.steps if steps is None else check_steps(steps, "steps")
+        self.planned_steps = self.steps_taken + steps
+        with wrapper._math_attention():
+            for _ in range(steps):
+                self.step_on(data)
+        return self
+
+    def step_on(self, data: Any) -> StepwiseFastModel:
+        """One inner step on ``data``: recomputed in the backward pass when the wrapper checkpoints steps."""
+        wrapper = self._wrapper
+        step = self.steps_taken
+        if not (wrapper.checkpoint_steps and wrapper._create_graph(step, self.planned_steps)):
+            return self.adapt(wrapper.evaluator(self, data))
+        base, names, training = self.params, self._names, wrapper.training
+
+        def run(adapted: dict[str, Tensor], state: Any) -> tuple[dict[str, Tensor], Any]:
+            params = {**base, **adapted}
+            loss = wrapper.evaluator(self.view(params, step, training), data)
+            new, state = wrapper._step_options(params, names, loss, state, step, True)
+            return {n: new[n] for n in names}, state
+
+        adapted, self._state = checkpoint(
+            run, {n: base[n] for n in names}, self._state, use_reentrant=False, context_fn=wrapper._recompute_contexts
+        )
+        self.params = {**base, **adapted}
+        self.steps_taken += 1
+        return self
+
+    def loss_on(self, data: Any) -> Tensor:
+        """The evaluator's loss on ``data`` now (the query loss of a multi-step loss).
+
+        With checkpointed steps the forward is recomputed in the backward pass instead
+        of keeping its activations.
+        """
+        wrapper = self._wrapper
+        if not (wrapper.checkpoint_steps and wrapper.second_order):
+            return wrapper.evaluator(self, data)
+        view = self.view(self.params, self.steps_taken, wrapper.training)
+        return checkpoint(wrapper.evaluator, view, data, use_reentrant=False, context_fn=wrapper._recompute_contexts)
+
+    def view(self, params: dict[str, Tensor], step: int, training: bool) -> StepwiseFastModel:
+        """A model with ``params`` at inner step ``step``, in a fixed mode (for recomputation)."""
+        view = StepwiseFastModel.__new__(StepwiseFastModel)
+        view._wrapper = self._wrapper
+        view.params = params
+        view.steps_taken = step
+        view.planned_steps = self.planned_steps
+        view._names = self._names
+        view._state = None
+        view._training = training
+        return view
