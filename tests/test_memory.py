@@ -89,6 +89,19 @@ def test_checkpointed_metasgd_with_multi_step_loss_and_per_step_rates():
     assert_all_close(grads[True], grads[False], **TIGHT)
 
 
+def test_checkpointed_steps_with_an_inner_optimizer():
+    from metann.optim import Adam
+
+    net = sine_mlp()
+    support, query = sine_data()
+    grads = {}
+    for checkpoint_steps in (False, True):
+        maml = MAML(net, steps_train=3, optimizer=Adam(0.05), evaluator=default_evaluator_regression,
+                    checkpoint_steps=checkpoint_steps)
+        grads[checkpoint_steps] = meta_grads(default_evaluator_regression(maml(support), query), net.parameters())
+    assert_all_close(grads[True], grads[False], **TIGHT)
+
+
 def test_checkpointed_steps_keep_dropout_masks():
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(1, 32), nn.Tanh(), nn.Dropout(0.3), nn.Linear(32, 1)).double()
