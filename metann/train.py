@@ -374,6 +374,9 @@ class MetaTrainer:
         if self.distributed:
             self._all_reduce_grads()
         self.meta_optimizer.step()
+        schedule = getattr(self.maml, "step_schedule", None)  # MAML++ annealing counts meta-iterations
+        if schedule is not None:
+            schedule()
         return self._all_reduce_sum([total])[0] / count
 
     def _default_objective(self, task: Any) -> tuple[Tensor, Tensor]:

@@ -287,3 +287,13 @@ def test_sigint_between_steps_stops_cleanly(tmp_path):
     assert history.interrupted and trainer.iteration == 2
     assert torch.load(tmp_path / CHECKPOINT_NAME, weights_only=True)["iteration"] == 2
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_fit_advances_the_maml_plus_plus_schedule():
+    maml = MAML(sine_net(), steps_train=2, lr=0.01, evaluator=default_evaluator_regression, multi_step_loss=10)
+    trainer = MetaTrainer(maml, torch.optim.Adam(maml.parameters(), 1e-3), SinusoidTaskSampler(seed=0),
+                          progress=False)
+    first = maml.loss_weights().clone()
+    trainer.fit(3, 2)
+    assert maml.meta_iteration == 3
+    assert not torch.equal(maml.loss_weights(), first)
