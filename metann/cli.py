@@ -55,10 +55,11 @@ METRICS, SUMMARY, SETTINGS = "metrics.jsonl", "summary.json", "settings.json"
 _TRAJECTORY = ("command", "algo", "shots", "queries", "ways", "inner_steps", "inner_lr", "meta_lr", "meta_batch",
                "seed", "dataset", "root", "classes", "image_size", "hidden")
 _SINE_DEFAULTS = {"out": os.path.join("runs", "sine"), "shots": 10, "queries": 10, "inner_steps": 1, "eval_steps": 10,
-                  "inner_lr": 0.01, "meta_lr": 3e-3, "meta_batch": 10, "iterations": 3000, "eval_tasks": 200}
+                  "inner_lr": 0.01, "meta_lr": 3e-3, "meta_batch": 10, "iterations": 3000, "eval_tasks": 200,
+                  "validations": 10}
 _FEWSHOT_DEFAULTS = {"out": os.path.join("runs", "fewshot"), "shots": 1, "queries": 15, "inner_steps": 1,
                      "eval_steps": 3, "inner_lr": 0.4, "meta_lr": 1e-3, "meta_batch": 4, "iterations": 200,
-                     "eval_tasks": 100}
+                     "eval_tasks": 100, "validations": 5}
 
 
 class UsageError(Exception):
@@ -136,7 +137,7 @@ def _add_common(p: argparse.ArgumentParser, defaults: dict[str, Any], what: str)
     p.add_argument("--eval-tasks", type=_int_at_least(1), metavar="N", default=d["eval_tasks"],
                    help="held-out tasks for validation and the final summary (default: %(default)s)")
     p.add_argument("--eval-every", type=_int_at_least(1), metavar="N", default=None,
-                   help="iterations between validations during training (default: about 10 per run)")
+                   help=f"iterations between validations during training (default: {d['validations']} per run)")
     p.add_argument("--seed", type=int, metavar="N", default=0,
                    help="seed of the model and the task streams (default: %(default)s)")
     p.add_argument("--device", type=_device, metavar="DEVICE", default=torch.device("cpu"),
@@ -346,8 +347,8 @@ def _train(session: _Session, maml: MAML, sampler: Any, eval_tasks: list[Any]) -
             raise UsageError(f"--resume: {err}") from err
         session.trim_metrics(trainer.iteration)
         session.note(f"resuming from iteration {trainer.iteration} of {session.checkpoint}")
-    history = trainer.fit(args.iterations, args.meta_batch, eval_every=args.eval_every or max(1, args.iterations // 10),
-                          eval_tasks=eval_tasks, checkpoint_dir=session.out, checkpoint_every=args.checkpoint_every)
+    history = trainer.fit(args.iterations, args.meta_batch, eval_every=args.eval_every, eval_tasks=eval_tasks,
+                          checkpoint_dir=session.out, checkpoint_every=args.checkpoint_every)
     if history.interrupted:
         session.note(f"stopped at iteration {trainer.iteration}; checkpoint written to {session.checkpoint}. "
                      "Run the same command with --resume to continue.")
@@ -621,9 +622,10 @@ def _baseline(session: _Session, data: tuple[Any, list[int], Any, list[int]], va
 
 def _run_fewshot(args: argparse.Namespace) -> int:
     started = time.perf_counter()
-    data = _fewshot_data(args)  # a missing data folder is reported before anything is written
-    with _Session(args, "accuracy.png") as session:
-        sampler, validation = _samplers(args, data, session.device)
+    data = _fewshot_data(args)  # a missing data folder or too few classes is reported before anything is written
+    session = _Session(args, "accuracy.png")
+    sampler, validation = _samplers(args, data, session.device)
+    with session:
         in_channels = int(data[0][0][0].shape[0])
         torch.manual_seed(args.seed)
         net = _conv4(in_channels, args.hidden, args.ways, args.image_size)
@@ -689,9 +691,11 @@ def _run_fewshot(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``metann`` command; returns the exit status (0 ok, 2 usage error, 130 stopped)."""
     args = build_parser().parse_args(argv)
+    defaults = _SINE_DEFAULTS if args.command == "sine" else _FEWSHOT_DEFAULTS
     if args.eval_steps is None:
-        defaults = _SINE_DEFAULTS if args.command == "sine" else _FEWSHOT_DEFAULTS
         args.eval_steps = args.inner_steps if args.algo == "metasgd" else defaults["eval_steps"]
+    if args.eval_every is None:
+        args.eval_every = max(1, args.iterations // defaults["validations"])
     try:
         return args.run(args)
     except UsageError as err:
