@@ -21,6 +21,15 @@ regions, which is very slow when other processes share the cores. Set
 you use more threads: the OpenMP runtime reads it once, when torch is loaded, which
 happens before this module runs (setting it here was measured to have no effect).
 
+Defaults (measured on a 2-core CPU machine, torch 2.13, one thread): ``metann sine``
+runs 3000 second-order MAML iterations of 10 tasks (inner lr 0.01, one inner step,
+Adam 3e-3) in about 80 s (about 220 s with the other core and more busy), and reaches
+a held-out 10-shot MSE of about 0.2 after 10 steps (3.0 before). ``metann fewshot``
+(Glyphs at 16x16, 5-way 1-shot, 200 iterations of 4 tasks, inner lr 0.4) takes about
+4 minutes including the baseline, with validation accuracy about 0.87 (baseline
+about 0.92). ``--algo metasgd`` evaluates with ``--inner-steps`` steps by default:
+its learned rates fit that many steps, and ten of them diverge.
+
 Under ``torchrun`` (``WORLD_SIZE > 1``) every rank joins a process group (``gloo``
 on CPU, ``nccl`` with ``cuda:LOCAL_RANK`` on CUDA), uses the same seed, takes its
 share of every meta-batch, and only rank 0 writes files and prints.
