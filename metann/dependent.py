@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules import module as _torch_module
 
 __all__ = ["DependentModule"]
 
@@ -482,6 +483,25 @@ class DependentModule(nn.Module, metaclass=_DependentMeta):
         self._plan().write_all(None)
 
     # ------------------------------------------------------------------ nn.Module hooks
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        # The same checks as torch's `Module._call_impl` (torch 2.x), in one frame instead of
+        # two: with any hook, tracing or a compiled call, torch's own path runs unchanged.
+        d = self.__dict__
+        if (
+            d["_forward_hooks"]
+            or d["_forward_pre_hooks"]
+            or d["_backward_hooks"]
+            or d["_backward_pre_hooks"]
+            or _torch_module._global_forward_hooks
+            or _torch_module._global_forward_pre_hooks
+            or _torch_module._global_backward_hooks
+            or _torch_module._global_backward_pre_hooks
+            or d.get("_compiled_call_impl") is not None
+            or torch._C._get_tracing_state()
+        ):
+            return nn.Module.__call__(self, *args, **kwargs)
+        return self.forward(*args, **kwargs)
+
     def __setattr__(self, name: str, value: Any) -> None:
         registry = self.__dict__.get("_dependents")
         if registry is not None and name in registry:

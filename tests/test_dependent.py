@@ -550,3 +550,22 @@ def test_rnn_second_order_through_substitute(case, seed):
     ours = meta_grad(lambda ps: stateless.substitute_from_list(ps)(*args)[0])
     theirs = meta_grad(lambda ps: torch.func.functional_call(module, dict(zip(names, ps)), args)[0])
     assert_close(ours, theirs)
+
+
+def test_hooks_still_run_through_the_lean_call():
+    net = DependentModule(nn.Sequential(nn.Linear(2, 2), nn.ReLU()))
+    calls = []
+    handle = net[0].register_forward_hook(lambda m, i, o: calls.append("local"))
+    pre = net[0].register_forward_pre_hook(lambda m, i: (i[0] * 0,))
+    glob = torch.nn.modules.module.register_module_forward_hook(lambda m, i, o: calls.append(type(m).__name__))
+    try:
+        out = net(torch.ones(3, 2))
+    finally:
+        handle.remove()
+        pre.remove()
+        glob.remove()
+    assert calls == ["DependentLinear", "local", "DependentReLU", "DependentSequential"]  # torch: global first
+    torch.testing.assert_close(out, torch.relu(net[0].bias).expand(3, 2))
+    calls.clear()
+    net(torch.ones(3, 2))
+    assert calls == []
