@@ -356,16 +356,18 @@ class MetaTrainer:
         Returns:
             The mean query loss over the (global) meta-batch.
         """
-        tasks = self._prepare(tasks, "tasks")
+        # In a distributed run a rank's share may be empty (fewer tasks than ranks): it
+        # still joins the collectives with zero gradients.
+        tasks = [] if self.distributed and len(tasks) == 0 else self._prepare(tasks, "tasks")
         self.maml.train()
         self.meta_optimizer.zero_grad(set_to_none=True)
         count = self._all_reduce_sum([float(len(tasks))])[0]
-        if self.vectorize:
+        if self.vectorize and tasks:
             losses = self.maml.batched(tasks)
             (losses.sum() / count).backward()
             total = losses.detach().sum().item()
         else:
-            total = 0.0
+            total = 0.0  # stays 0 for an empty share
             objective = getattr(self.maml, "meta_objective", None) or self._default_objective
             for task in tasks:
                 loss, reported = objective(task)

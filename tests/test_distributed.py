@@ -17,7 +17,7 @@ from metann.train import MetaTrainer
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 
 SCENARIOS = {"maml-1-step": ("maml", 1, 4), "maml-3-steps": ("maml", 3, 4), "metasgd-3-steps": ("metasgd", 3, 4),
-             "uneven-batch": ("maml", 3, 5)}
+             "uneven-batch": ("maml", 3, 5), "fewer-tasks-than-ranks": ("maml", 2, 1)}
 
 WORKER = textwrap.dedent(
     """
