@@ -1,4 +1,4 @@
-"""Meta-learning algorithms on the dependent-module engine: MAML (both orders), MetaSGD, ANIL, MAML++, Reptile, iMAML."""
+"""Meta-learning algorithms on the dependent-module engine: MAML, MetaSGD, ANIL, MAML++, Reptile, iMAML."""
 from metann.meta.anil import ANIL
 from metann.meta.evaluators import default_evaluator_classification, default_evaluator_regression
 from metann.meta.imaml import iMAML
@@ -10,8 +10,8 @@ from metann.meta.reptile import Reptile
 __all__ = [
     "ANIL",
     "MAML",
-    "MAMLpp",
     "FastModel",
+    "MAMLpp",
     "MetaSGD",
     "Reptile",
     "default_evaluator_classification",

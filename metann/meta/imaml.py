@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from metann.functional import math_attention
+from metann.meta.compiled import compiled_parts
 from metann.meta.evaluators import default_evaluator_classification
 from metann.meta.maml import MAML, AdaptSpec, FastModel, check_steps
 
@@ -97,27 +98,6 @@ def _check_real(value: Any, name: str, *, positive: bool) -> float:
     if not math.isfinite(value) or (value <= 0 if positive else value < 0):
         raise ValueError(f"`{name}` must be {'> 0' if positive else '>= 0'} and finite, got {value}.")
     return value
-
-
-def _compiled_parts(model: nn.Module) -> list[str]:
-    """Names of the parts of ``model`` that run ``torch.compile``'d code (checked by class name, no dynamo import).
-
-    The same test as ``metann.meta.compiled.compiled_parts`` of MAML's guard, which was
-    written in parallel; iMAML needs its own call because it passes ``first_order=True``
-    to :class:`MAML` and still differentiates twice (the Hessian-vector products).
-    """
-    found = []
-    for name, module in model.named_modules():
-        optimized = any(
-            c.__name__ == "OptimizedModule" and c.__module__.startswith("torch._dynamo") for c in type(module).mro()
-        )
-        if (
-            optimized
-            or module.__dict__.get("_compiled_call_impl") is not None
-            or getattr(module.forward, "_torchdynamo_orig_callable", None) is not None
-        ):
-            found.append(name or "<model>")
-    return found
 
 
 def _learnable(lr: Any) -> bool:
@@ -300,7 +280,7 @@ class iMAML(MAML):  # the paper's spelling
             raise ValueError(f"`cg_steps` must be >= 1, got {cg_steps}.")
         cg_damping = _check_real(cg_damping, "cg_damping", positive=False)
         cg_tol = _check_real(cg_tol, "cg_tol", positive=False)
-        parts = _compiled_parts(model) if isinstance(model, nn.Module) else []
+        parts = compiled_parts(model) if isinstance(model, nn.Module) else []
         if parts:
             raise ValueError(
                 f"`iMAML` cannot run on code compiled with `torch.compile` (found in {parts}): its meta-gradient "

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, Union, cast
 
 import torch
@@ -418,13 +418,18 @@ class MAML(InnerLoopOptions, nn.Module):
         grads = torch.autograd.grad(
             loss, [params[n] for n in names], create_graph=self.second_order, allow_unused=True
         )
+        return self._update(params, names, grads, state, self.inner_rates(names))
+
+    def _update(
+        self, params: dict[str, Tensor], names: list[str], grads: Sequence[Tensor | None], state: Any, lr: Any
+    ) -> tuple[dict[str, Tensor], Any]:
+        """The update rule: the inner optimizer when there is one, else ``p - lr * g`` (one fused op)."""
         new = dict(params)
         if self.optimizer is not None:
             given = {n: g for n, g in zip(names, grads) if g is not None}
             updated, state = self.optimizer.step({n: params[n] for n in given}, given, state)
             new.update(updated)
             return new, state
-        lr = self.inner_rates(names)
         if isinstance(lr, Mapping):
             for n, g in zip(names, grads):
                 if g is not None:

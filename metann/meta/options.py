@@ -101,23 +101,7 @@ class InnerLoopOptions:
     ) -> tuple[dict[str, Tensor], Any]:
         """One inner step with this step's rates and an explicit choice of order."""
         grads = torch.autograd.grad(loss, [params[n] for n in names], create_graph=create_graph, allow_unused=True)
-        new = dict(params)
-        if self.optimizer is not None:
-            given = {n: g for n, g in zip(names, grads) if g is not None}
-            updated, state = self.optimizer.step({n: params[n] for n in given}, given, state)
-            new.update(updated)
-            return new, state
-        lr = self._rates_at(names, step)
-        for n, g in zip(names, grads):
-            if g is None:
-                continue
-            if isinstance(lr, Mapping):
-                new[n] = torch.addcmul(params[n], lr[n], g, value=-1)
-            elif isinstance(lr, Tensor):
-                new[n] = params[n] - lr * g
-            else:
-                new[n] = torch.add(params[n], g, alpha=-lr)
-        return new, state
+        return self._update(params, names, grads, state, self._rates_at(names, step))
 
     def _options_forward(
         self, params: dict[str, Tensor], step: int, training: bool, args: tuple, kwargs: dict[str, Any]
