@@ -4,8 +4,11 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+import torch
 from torch import Tensor, nn
+from torch.nn.modules import module as _torch_module
 
+from metann import dependent
 from metann.dependent import DependentModule
 
 __all__ = ["Learner", "share_buffers"]
@@ -30,6 +33,67 @@ def share_buffers(source: nn.Module, target: nn.Module) -> None:
     for src, dst in zip(sources, targets):
         dst.__dict__["_buffers"] = src._buffers
         dst.__dict__["_non_persistent_buffers_set"] = src._non_persistent_buffers_set
+
+
+_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+
+
+class _Chain:
+    """The forward of a ``Sequential`` root as one flat loop over its layers' ``forward`` methods.
+
+    ``layer(x)`` costs two Python frames per layer (``__call__``, then ``forward``) and
+    ``Sequential.forward`` a loop of such calls; on a small MLP that overhead is as
+    large as the arithmetic. When no module the loop skips has a hook, there are no
+    global hooks and no tracing, calling the layers' bound ``forward`` methods in order
+    (nested ``Sequential`` containers flattened) is the same computation as ``root(x)``.
+
+    ``layers`` is ``None`` when the root is not a plain ``Sequential`` (its class does
+    not keep ``nn.Sequential.forward``) or a module on the chain is compiled; the
+    learner then always calls the root. Built for one root and one structure version of
+    the engine; the learner rebuilds it when either changed (a copy of a learner gets its
+    own).
+    """
+
+    __slots__ = ("forwards", "hook_dicts", "root", "version")
+
+    def __init__(self, root: nn.Module) -> None:
+        self.version = dependent._structure_version
+        self.root = root
+        skipped: list[nn.Module] = []
+        layers: list[nn.Module] | None = []
+
+        def flatten(module: nn.Module) -> bool:
+            skipped.append(module)
+            if type(module).forward is not nn.Sequential.forward:
+                layers.append(module)
+                return True
+            return all(child is not None and flatten(child) for child in module._modules.values())
+
+        if type(root).forward is not nn.Sequential.forward or not flatten(root):
+            layers = None
+        elif any(m.__dict__.get("_compiled_call_impl") is not None for m in skipped):
+            layers = None
+        self.forwards = None if layers is None else [m.forward for m in layers]
+        # Torch registers hooks into these dictionaries in place: one `any` sees them all.
+        self.hook_dicts = [m.__dict__[name] for m in skipped for name in _HOOKS]
+
+    def usable(self) -> bool:
+        """Whether ``run`` may stand in for calling the root now."""
+        return not (
+            self.forwards is None
+            or any(self.hook_dicts)
+            or _torch_module._global_forward_hooks
+            or _torch_module._global_forward_pre_hooks
+            or _torch_module._global_backward_hooks
+            or _torch_module._global_backward_pre_hooks
+            or self.root.__dict__.get("_compiled_call_impl") is not None
+            or torch._C._get_tracing_state()
+        )
+
+    def run(self, x: Any) -> Any:
+        for forward in self.forwards:  # type: ignore[union-attr]
+            x = forward(x)
+        return x
 
 
 class Learner(nn.Module):
@@ -62,6 +126,7 @@ class Learner(nn.Module):
         # `state_dict()` and friends reach its buffers through `module`.
         self.__dict__["_stateless"] = stateless
         self.__dict__["_stateless_training"] = stateless.training
+        self.__dict__["_chain"] = _Chain(stateless)
 
     @property
     def stateless(self) -> DependentModule:
@@ -102,7 +167,12 @@ class Learner(nn.Module):
         if self.__dict__["_stateless_training"] != training:
             stateless.train(training)
             self.__dict__["_stateless_training"] = training
+        chain = self.__dict__["_chain"]
+        if chain.version != dependent._structure_version or chain.root is not stateless:
+            chain = self.__dict__["_chain"] = _Chain(stateless)
         try:
+            if len(args) == 1 and not kwargs and chain.usable():
+                return chain.run(args[0])
             return stateless(*args, **kwargs)
         finally:
             stateless._release()

@@ -287,6 +287,86 @@ def test_eval_fast_path_uses_the_substituted_weights(case_id, kernel, monkeypatc
     assert not torch.allclose(out, module.eval()(x))
 
 
+# ---------------------------------------------------------------------------- Sequential chains
+def nested_mlp() -> nn.Module:
+    return nn.Sequential(nn.Linear(3, 5), nn.Sequential(nn.ReLU(), nn.Linear(5, 4)), nn.Tanh(), nn.Linear(4, 2))
+
+
+def test_sequential_chain_equals_the_module_and_its_gradients(seed):
+    net = nested_mlp().double()
+    learner = Learner(net)
+    x = torch.randn(6, 3, dtype=torch.float64)
+    params = [p.detach().clone().requires_grad_() for p in net.parameters()]
+    out = learner.functional(params, True, x)
+    expected = torch.func.functional_call(net, dict(zip(names_of(net), params)), (x,))
+    assert_close(out, expected)
+    assert_close(torch.autograd.grad(out.square().sum(), params), torch.autograd.grad(expected.square().sum(), params))
+    assert torch.autograd.gradgradcheck(lambda *p: learner.functional(p, True, x), params)
+    assert released(learner)
+
+
+@pytest.mark.parametrize("where", ["root", "nested child", "leaf", "global"])
+def test_hooks_on_a_sequential_chain_still_run(where, seed):
+    net = nested_mlp()
+    learner = Learner(net)
+    x = torch.randn(2, 3)
+    plain = learner.functional(net.parameters(), True, x)
+    calls = []
+
+    def hook(module, inputs, output):
+        calls.append(type(module).__name__)
+        return output * 2
+
+    stateless = learner.stateless
+    target = {"root": stateless, "nested child": stateless[1], "leaf": stateless[1][1]}.get(where)
+    handle = (
+        torch.nn.modules.module.register_module_forward_hook(hook)
+        if target is None
+        else target.register_forward_hook(hook)
+    )
+    try:
+        hooked = learner.functional(net.parameters(), True, x)
+    finally:
+        handle.remove()
+    assert calls and not torch.allclose(hooked, plain)
+    if where == "root":
+        assert_close(hooked, plain * 2)
+    calls.clear()
+    assert_close(learner.functional(net.parameters(), True, x), plain)  # removed: the chain runs again
+    assert calls == []
+
+
+def test_sequential_chain_follows_structure_changes_and_copies(seed):
+    net = nested_mlp()
+    learner = Learner(net)
+    x = torch.randn(2, 3)
+    before = learner.functional(net.parameters(), True, x)
+    learner.stateless[2] = nn.Sigmoid()  # a new layer in the stateless copy
+    after = learner.functional(net.parameters(), True, x)
+    net[2] = nn.Sigmoid()
+    assert_close(after, net(x))
+    assert not torch.allclose(after, before)
+
+    twin = copy.deepcopy(learner)
+    calls = []
+    twin.stateless[0].register_forward_hook(lambda m, i, o: calls.append("twin"))
+    assert_close(twin.functional(net.parameters(), True, x), after)
+    assert calls == ["twin"]  # the copy runs its own modules
+    learner.functional(net.parameters(), True, x)
+    assert calls == ["twin"]
+
+
+def test_custom_forward_of_a_sequential_subclass_is_respected(seed):
+    class Doubling(nn.Sequential):
+        def forward(self, x):
+            return super().forward(x) * 2
+
+    net = Doubling(nn.Linear(3, 2), nn.ReLU())
+    learner = Learner(net)
+    x = torch.randn(4, 3)
+    assert_close(learner.functional(net.parameters(), True, x), net(x))
+
+
 # ---------------------------------------------------------------------------- bad input
 def test_learner_needs_a_module():
     with pytest.raises(TypeError, match=re.escape("`Learner` expects an `nn.Module`, got `list`")):

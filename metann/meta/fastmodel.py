@@ -1,6 +1,7 @@
 """FastModel, the adapted model that MAML and its relatives return, and its variant for the inner-loop options."""
 from __future__ import annotations
 
+import contextlib
 import numbers
 from typing import TYPE_CHECKING, Any
 
@@ -11,6 +12,8 @@ if TYPE_CHECKING:
     from metann.meta.maml import MAML
 
 __all__ = ["FastModel", "StepwiseFastModel"]
+
+_NO_CONTEXT = contextlib.nullcontext()  # reusable; entered when no attention kernel needs choosing
 
 
 def check_steps(value: Any, name: str) -> int:
@@ -79,7 +82,7 @@ class FastModel:
         wrapper = self._wrapper
         steps = wrapper.steps if steps is None else check_steps(steps, "steps")
         evaluator = wrapper.evaluator
-        with wrapper._math_attention():
+        with wrapper._math_attention() if wrapper._needs_math_attention else _NO_CONTEXT:
             for _ in range(steps):
                 self.adapt(evaluator(self, data))
         return self

@@ -429,11 +429,10 @@ class MAML(InnerLoopOptions, nn.Module):
             given = {n: g for n, g in zip(names, grads) if g is not None}
             updated, state = self.optimizer.step({n: params[n] for n in given}, given, state)
             new.update(updated)
-            return new, state
-        if isinstance(lr, Mapping):
+        elif type(lr) is float or not isinstance(lr, (Tensor, Mapping)):  # a number (the float test is the fast one)
             for n, g in zip(names, grads):
                 if g is not None:
-                    new[n] = torch.addcmul(params[n], lr[n], g, value=-1)
+                    new[n] = torch.add(params[n], g, alpha=-lr)
         elif isinstance(lr, Tensor):
             for n, g in zip(names, grads):
                 if g is not None:
@@ -441,9 +440,8 @@ class MAML(InnerLoopOptions, nn.Module):
         else:
             for n, g in zip(names, grads):
                 if g is not None:
-                    new[n] = torch.add(params[n], g, alpha=-lr)
+                    new[n] = torch.addcmul(params[n], lr[n], g, value=-1)
         return new, state
-
 
     def extra_repr(self) -> str:
         order = "first" if self.first_order else "second"
