@@ -59,8 +59,8 @@ class _Chain:
     def __init__(self, root: nn.Module) -> None:
         self.version = dependent._structure_version
         self.root = root
-        skipped: list[nn.Module] = []
-        layers: list[nn.Module] | None = []
+        skipped: list[nn.Module] = []  # modules whose `__call__` the loop leaves out
+        layers: list[nn.Module] = []
 
         def flatten(module: nn.Module) -> bool:
             skipped.append(module)
@@ -69,11 +69,12 @@ class _Chain:
                 return True
             return all(child is not None and flatten(child) for child in module._modules.values())
 
-        if type(root).forward is not nn.Sequential.forward or not flatten(root):
-            layers = None
-        elif any(m.__dict__.get("_compiled_call_impl") is not None for m in skipped):
-            layers = None
-        self.forwards = None if layers is None else [m.forward for m in layers]
+        chainable = (
+            type(root).forward is nn.Sequential.forward
+            and flatten(root)
+            and all(m.__dict__.get("_compiled_call_impl") is None for m in skipped)
+        )
+        self.forwards = [m.forward for m in layers] if chainable else None
         # Torch registers hooks into these dictionaries in place: one `any` sees them all.
         self.hook_dicts = [m.__dict__[name] for m in skipped for name in _HOOKS]
 

@@ -15,7 +15,7 @@ import pytest
 pytest.importorskip("sphinx", reason="the doc tools are in the `docs` and `dev` extras: pip install -e '.[dev]'")
 pytest.importorskip("sphinx_rtd_theme", reason="the doc tools are in the `docs` and `dev` extras")
 
-import metann  # noqa: E402
+import metann
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
@@ -129,10 +129,13 @@ def _public_modules() -> list[str]:
     public names are re-exported by the package's ``__all__``, which is checked.
     ``__main__`` is skipped (importing it would run the command).
     """
-    return ["metann"] + sorted(
-        info.name for info in pkgutil.iter_modules(metann.__path__, prefix="metann.")
-        if not info.name.rpartition(".")[2].startswith("_")
-    )
+    return [
+        "metann",
+        *sorted(
+            info.name for info in pkgutil.iter_modules(metann.__path__, prefix="metann.")
+            if not info.name.rpartition(".")[2].startswith("_")
+        ),
+    ]
 
 
 def _all_names() -> dict[str, set[str]]:
