@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import datetime
 import itertools
 import json
 import os
+import platform
 import statistics
 import subprocess
 import sys
@@ -292,16 +294,16 @@ def run_workload(workload: str, impls: list[str], rounds: int, seconds: float, t
                 refused[impl] = answer["refused"]
             else:
                 memory[impl] = answer["peak_bytes"]
-        impls = [impl for impl in impls if impl not in refused]
-        errors = check_gradients({impl: files[impl] for impl in impls})
+        timed = [impl for impl in impls if impl not in refused]
+        errors = check_gradients({impl: files[impl] for impl in timed})
         # Calibrate: iterations per batch so that a batch of the reference takes about `seconds`.
         procs["hand"].stdin.write("1\n")
         procs["hand"].stdin.flush()
         one = json.loads(procs["hand"].stdout.readline())["seconds"]
         iterations = max(1, int(seconds / max(one, 1e-6)))
-        times: dict[str, list[float]] = {impl: [] for impl in impls}
+        times: dict[str, list[float]] = {impl: [] for impl in timed}
         for r in range(rounds):
-            order = impls if r % 2 == 0 else impls[::-1]
+            order = timed if r % 2 == 0 else timed[::-1]
             for impl in order:
                 procs[impl].stdin.write(f"{iterations}\n")
                 procs[impl].stdin.flush()
@@ -313,15 +315,17 @@ def run_workload(workload: str, impls: list[str], rounds: int, seconds: float, t
             proc.wait(timeout=60)
         log.close()
     medians = {impl: statistics.median(t) for impl, t in times.items()}
-    return {impl: {"refused": reason} for impl, reason in refused.items()} | {
-        impl: {
+    return {
+        impl: {"refused": refused[impl]}
+        if impl in refused
+        else {
             "median_ms": medians[impl] * 1e3,
             "ratio": medians[impl] / medians["hand"],
             "peak_mb": memory[impl] / 2**20,
             "memory_ratio": memory[impl] / memory["hand"] if memory["hand"] else float("nan"),
             "grad_error": errors[impl],
         }
-        for impl in impls
+        for impl in impls  # in the order asked for
     }
 
 
@@ -341,6 +345,7 @@ def main() -> None:
     if impls[0] != "hand":
         impls = ["hand"] + [i for i in impls if i != "hand"]
     results = {}
+    load_before = os.getloadavg()
     print(f"torch {torch.__version__}, {args.threads} thread(s), {args.rounds} interleaved rounds, median per meta-step")
     header = f"{'workload':<12} {'implementation':<16} {'ms/step':>9} {'ratio':>7} {'peak MB':>9} {'mem ratio':>9}  gradient"
     print(header)
@@ -359,8 +364,28 @@ def main() -> None:
                 flush=True,
             )
     if args.json:
+        run = {
+            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "commit": _commit(),
+            "python": platform.python_version(),
+            "cpus": os.cpu_count(),
+            "rounds": args.rounds,
+            # 1-minute load average of the machine before and after: other jobs slow every implementation alike.
+            "load_average": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
+        }
         with open(args.json, "w") as f:
-            json.dump({"torch": torch.__version__, "threads": args.threads, "results": results}, f, indent=2)
+            json.dump({"torch": torch.__version__, "threads": args.threads, "run": run, "results": results}, f, indent=2)
+
+
+def _commit() -> str | None:
+    """The checkout's commit (with ``+dirty`` for uncommitted changes), or ``None`` outside git."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here, capture_output=True, text=True)
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return commit.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # document the checkout, even without an editable install
+sys.path.insert(0, str(Path(__file__).resolve().parent / "_ext"))  # this site's own extensions
 
 # -- project -------------------------------------------------------------------------
 project = "metann"
@@ -33,6 +34,7 @@ extensions = [
     "sphinx.ext.doctest",
     "sphinx.ext.mathjax",  # only emits a <script> tag: the build itself stays offline
     "sphinx_rtd_theme",
+    "benchtable",  # docs/_ext/benchtable.py: the Benchmarks page's table, read from benchmarks.json
 ]
 
 # Cross-links to the PyTorch and Python docs need their inventories from the network.

@@ -60,6 +60,31 @@ def test_maml_meta_gradient_matches_reference(case, steps, first_order):
         torch.testing.assert_close(g, e, rtol=1e-6, atol=1e-9)
 
 
+@pytest.mark.parametrize("how", ["setattr", "load_state_dict(assign=True)", "to(float64)"])
+def test_parameters_replaced_after_construction_are_the_meta_parameters(how):
+    net = sine_mlp().float()
+    maml = MAML(net, steps_train=2, lr=0.1, evaluator=default_evaluator_regression)
+    old = list(net.parameters())
+    if how == "setattr":
+        net[0].weight = nn.Parameter(net[0].weight.detach() * 2)
+        net = net.double()
+    elif how == "load_state_dict(assign=True)":
+        state = {k: v.double() * 1.5 for k, v in net.state_dict().items()}
+        net.load_state_dict(state, assign=True)
+    else:  # `.to()` that makes new Parameter objects instead of changing `.data`
+        torch.__future__.set_overwrite_module_params_on_conversion(True)
+        try:
+            net = net.double()
+        finally:
+            torch.__future__.set_overwrite_module_params_on_conversion(False)
+    assert any(p is not q for p, q in zip(net.parameters(), old))  # new parameter objects
+    support, query = sine_data()
+    got = grads_of(default_evaluator_regression(maml(support), query), net)
+    expected, _, _ = maml_meta_grads(sine_mlp_forward, leaves(net), support, query, F.mse_loss, lr=0.1, steps=2)
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, rtol=1e-6, atol=1e-9)
+
+
 def test_second_and_first_order_differ():
     net = sine_mlp()
     support, query = sine_data()

@@ -85,8 +85,8 @@ def batched_query_losses(wrapper: MAML, tasks: Any) -> Tensor:
     second_order = wrapper.second_order
     check_vectorizable(wrapper.model, training=training, second_order=second_order)
     learner = wrapper.__dict__["_learner"]
-    names = list(dict(wrapper.model.named_parameters()))
-    meta_params = dict(wrapper.model.named_parameters())
+    meta_params = wrapper._model_params()
+    names = list(meta_params)
     adapt = [n for n in wrapper.adapt_names if meta_params[n].requires_grad]
     steps = wrapper.steps
     evaluator = wrapper.evaluator

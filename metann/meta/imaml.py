@@ -127,7 +127,7 @@ class _Problem:
                 "be taken in the mode of the inner loop. Call `backward()` before switching modes."
             )
         lam, damping = wrapper.lam, wrapper.cg_damping
-        theta = dict(wrapper.model.named_parameters())
+        theta = wrapper._model_params()
         saved = [(b, b.detach().clone()) for b in wrapper.model.buffers()]
         try:
             with torch.enable_grad(), math_attention(wrapper.model):
@@ -320,7 +320,7 @@ class iMAML(MAML):  # the paper's spelling
             The inner solution for every adapted parameter that requires grad, keyed by name.
         """
         steps = self.steps if steps is None else check_steps(steps, "steps")
-        theta = dict(self.model.named_parameters())
+        theta = self._model_params()
         names = [n for n in self.adapt_names if theta[n].requires_grad]
         center = {n: theta[n].detach() for n in names}
         fixed = {n: t.detach() for n, t in theta.items()}
@@ -352,7 +352,7 @@ class iMAML(MAML):  # the paper's spelling
         """
         steps = self.steps
         phi = self.solve(data, steps)
-        theta = dict(self.model.named_parameters())
+        theta = self._model_params()
         adapted: Mapping[str, Tensor] = phi
         if self.training and torch.is_grad_enabled() and phi:
             body = [n for n, t in theta.items() if n not in phi and t.requires_grad]

@@ -72,6 +72,24 @@ def resolve_adapt(model: nn.Module, adapt: AdaptSpec) -> tuple[str, ...]:
     return tuple(chosen)
 
 
+def parameter_slots(model: nn.Module) -> list[tuple[str, dict[str, Any], str]]:
+    """``(name, module._parameters, key)`` of every parameter, in ``named_parameters()`` order.
+
+    Reading the slots gives the model's current parameters without walking the module
+    tree: a parameter replaced later (``module.weight = nn.Parameter(...)``,
+    ``load_state_dict(..., assign=True)``, ``.to()``) is found in its slot. The
+    structure itself (which modules hold which parameters) is fixed when the wrapper is
+    built, as the stateless copy that runs the model is.
+    """
+    slots, seen = [], set()
+    for prefix, module in model.named_modules():
+        for key, param in module._parameters.items():
+            if param is not None and id(param) not in seen:  # shared parameters once, as named_parameters()
+                seen.add(id(param))
+                slots.append((prefix + ("." if prefix else "") + key, module._parameters, key))
+    return slots
+
+
 class MAML(InnerLoopOptions, nn.Module):
     """Model-Agnostic Meta-Learning (Finn et al., 2017), second or first order.
 
@@ -224,6 +242,7 @@ class MAML(InnerLoopOptions, nn.Module):
         self.optimizer = optimizer
         self.adapt_names = adapt_names
         self.__dict__["_learner"] = Learner(model)
+        self.__dict__["_param_slots"] = parameter_slots(model)
         self._needs_math_attention = _has_custom_or_attention(model)
         self._math_active = False
         self._set_options(options, tables)
@@ -307,11 +326,15 @@ class MAML(InnerLoopOptions, nn.Module):
         return multi_step_loss_weights(self.steps, iteration, anneal)
 
     # ------------------------------------------------------------------ adaptation
+    def _model_params(self) -> dict[str, Tensor]:
+        """The model's parameters by name, in ``named_parameters()`` order, read from their slots."""
+        return {name: slot[key] for name, slot, key in self.__dict__["_param_slots"]}
+
     def clone(self) -> FastModel:
         """Return an unadapted :class:`FastModel` for a hand-written inner loop."""
         if self._stepwise:
-            return StepwiseFastModel(self, dict(self.model.named_parameters()))
-        return FastModel(self, dict(self.model.named_parameters()))
+            return StepwiseFastModel(self, self._model_params())
+        return FastModel(self, self._model_params())
 
     def forward(self, data: Any) -> FastModel:
         """Adapt to ``data`` with the current mode's number of steps and return the :class:`FastModel`."""
@@ -343,7 +366,7 @@ class MAML(InnerLoopOptions, nn.Module):
         if weights is None:
             loss = self.evaluator(self(task.support), task.query)
             return loss, loss
-        fast = StepwiseFastModel(self, dict(self.model.named_parameters()))  # the multi-step loss is stepwise
+        fast = StepwiseFastModel(self, self._model_params())  # the multi-step loss is stepwise
         fast.planned_steps = len(weights)
         losses = []
         with self._math_attention():

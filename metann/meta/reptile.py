@@ -158,7 +158,7 @@ class Reptile(MAML):
         """
         data = task.support if self.inner_data == "support" else concat_data(task.support, task.query)
         fast = self(data)
-        theta = dict(self.model.named_parameters())
+        theta = self._model_params()
         names = [n for n in self.adapt_names if theta[n].requires_grad]
         moved = [n for n in names if fast.params[n] is not theta[n]]
         if moved:
