@@ -6,12 +6,14 @@ to time a batch of meta-steps, round after round, so slow phases of this shared 
 hit every implementation alike. Before timing, every implementation's meta-gradient is
 compared with a float64 hand-written reference. The report gives the median time per
 meta-step, the ratio to the hand-written reference of the same run, and the peak tensor
-memory of one meta-step (from ``torch.profiler`` allocation events).
+memory of one meta-step (from ``torch.profiler`` allocation events, measured after the
+timed rounds so that the profiler cannot affect them).
 
 Usage::
 
     python benchmarks/bench_meta.py                      # every workload, 7 rounds
     python benchmarks/bench_meta.py --workloads sine2 --rounds 5 --json out.json
+    python benchmarks/bench_meta.py --workloads sine1 --impls hand,hand@2,metann   # noise floor
 """
 from __future__ import annotations
 
@@ -119,7 +121,12 @@ WORKLOADS = {
 
 
 def make_step(impl: str, workload: str, dtype: torch.dtype):
-    """Return ``(model, step)``: ``step()`` runs one meta-step (forward over all tasks and backward)."""
+    """Return ``(model, step)``: ``step()`` runs one meta-step (forward over all tasks and backward).
+
+    ``impl@tag`` is ``impl`` in another worker process: ``--impls hand,hand@2,...`` shows
+    how far two processes running the same code drift apart on this machine.
+    """
+    impl = impl.partition("@")[0]
     make, forward, tasks_of, loss_fn, steps, first_order, lr = WORKLOADS[workload]
     torch.manual_seed(0)
     model = make().to(dtype)
@@ -240,9 +247,11 @@ def worker(impl: str, workload: str, threads: int) -> None:
     model, step = make_step(impl, workload, torch.float32)
     step()
     step()
-    memory = peak_memory(step)
-    print(json.dumps({"ready": True, "peak_bytes": memory}), flush=True)
+    print(json.dumps({"ready": True}), flush=True)
     for line in sys.stdin:
+        if line.strip() == "memory":  # last: the profiler leaves nothing behind in the timed steps
+            print(json.dumps({"peak_bytes": peak_memory(step)}), flush=True)
+            return
         iterations = int(line)
         start = time.perf_counter()
         for _ in range(iterations):
@@ -292,8 +301,6 @@ def run_workload(workload: str, impls: list[str], rounds: int, seconds: float, t
             answer = json.loads(procs[impl].stdout.readline())
             if "refused" in answer:
                 refused[impl] = answer["refused"]
-            else:
-                memory[impl] = answer["peak_bytes"]
         timed = [impl for impl in impls if impl not in refused]
         errors = check_gradients({impl: files[impl] for impl in timed})
         # Calibrate: iterations per batch so that a batch of the reference takes about `seconds`.
@@ -308,6 +315,10 @@ def run_workload(workload: str, impls: list[str], rounds: int, seconds: float, t
                 procs[impl].stdin.write(f"{iterations}\n")
                 procs[impl].stdin.flush()
                 times[impl].append(json.loads(procs[impl].stdout.readline())["seconds"])
+        for impl in timed:
+            procs[impl].stdin.write("memory\n")
+            procs[impl].stdin.flush()
+            memory[impl] = json.loads(procs[impl].stdout.readline())["peak_bytes"]
     finally:
         for proc in procs.values():
             with contextlib.suppress(BrokenPipeError):
