@@ -2,12 +2,13 @@
 
 Each implementation runs in its own worker process (``OMP_WAIT_POLICY=PASSIVE``, a fixed
 thread count) that stays alive for the whole run; the parent asks the workers in turn
-to time a batch of meta-steps, round after round, so slow phases of this shared machine
-hit every implementation alike. Before timing, every implementation's meta-gradient is
-compared with a float64 hand-written reference. The report gives the median time per
-meta-step, the ratio to the hand-written reference of the same run, and the peak tensor
-memory of one meta-step (from ``torch.profiler`` allocation events, measured after the
-timed rounds so that the profiler cannot affect them).
+(in a new, seeded order every round) to time a batch of meta-steps, round after round,
+so slow phases of this shared machine hit every implementation alike. Before timing,
+every implementation's meta-gradient is compared with a float64 hand-written reference.
+The report gives the median time per meta-step, the time ratio to the hand-written
+reference (the median over rounds of the ratio within a round, with its quartiles), and
+the peak tensor memory of one meta-step (from ``torch.profiler`` allocation events,
+measured after the timed rounds so that the profiler cannot affect them).
 
 Usage::
 
@@ -24,6 +25,7 @@ import itertools
 import json
 import os
 import platform
+import random
 import statistics
 import subprocess
 import sys
@@ -310,8 +312,9 @@ def run_workload(workload: str, impls: list[str], rounds: int, seconds: float, t
         iterations = max(1, int(seconds / max(one, 1e-6)))
         times: dict[str, list[float]] = {impl: [] for impl in timed}
         for r in range(rounds):
-            order = timed if r % 2 == 0 else timed[::-1]
-            for impl in order:
+            # A new order every round (seeded: the same in every run), so no implementation
+            # always follows the same neighbour or runs twice in a row at round boundaries.
+            for impl in random.Random(r).sample(timed, len(timed)):
                 procs[impl].stdin.write(f"{iterations}\n")
                 procs[impl].stdin.flush()
                 times[impl].append(json.loads(procs[impl].stdout.readline())["seconds"])
@@ -326,12 +329,17 @@ def run_workload(workload: str, impls: list[str], rounds: int, seconds: float, t
             proc.wait(timeout=60)
         log.close()
     medians = {impl: statistics.median(t) for impl, t in times.items()}
+    # Paired: each round's time over the reference's time in the same round, so that the
+    # machine's slow and fast phases cancel; the median and quartiles over the rounds.
+    paired = {impl: [a / b for a, b in zip(t, times["hand"])] for impl, t in times.items()}
+    quartiles = {impl: statistics.quantiles(r, n=4) if len(r) > 1 else r * 3 for impl, r in paired.items()}
     return {
         impl: {"refused": refused[impl]}
         if impl in refused
         else {
             "median_ms": medians[impl] * 1e3,
-            "ratio": medians[impl] / medians["hand"],
+            "ratio": statistics.median(paired[impl]),
+            "ratio_quartiles": [quartiles[impl][0], quartiles[impl][2]],
             "peak_mb": memory[impl] / 2**20,
             "memory_ratio": memory[impl] / memory["hand"] if memory["hand"] else float("nan"),
             "grad_error": errors[impl],
@@ -357,8 +365,14 @@ def main() -> None:
         impls = ["hand"] + [i for i in impls if i != "hand"]
     results = {}
     load_before = os.getloadavg()
-    print(f"torch {torch.__version__}, {args.threads} thread(s), {args.rounds} interleaved rounds, median per meta-step")
-    header = f"{'workload':<12} {'implementation':<16} {'ms/step':>9} {'ratio':>7} {'peak MB':>9} {'mem ratio':>9}  gradient"
+    print(
+        f"torch {torch.__version__}, {args.threads} thread(s), {args.rounds} interleaved rounds; "
+        "median per meta-step, median (quartiles) of the per-round ratio to `hand`"
+    )
+    header = (
+        f"{'workload':<12} {'implementation':<16} {'ms/step':>9} {'ratio':>7} {'quartiles':>13} "
+        f"{'peak MB':>9} {'mem ratio':>9}  gradient"
+    )
     print(header)
     print("-" * len(header))
     for workload in args.workloads.split(","):
@@ -370,7 +384,8 @@ def main() -> None:
             e = r["grad_error"]
             verdict = "ok" if e["ok"] else "WRONG"
             print(
-                f"{workload:<12} {impl:<16} {r['median_ms']:9.2f} {r['ratio']:7.3f} {r['peak_mb']:9.2f} "
+                f"{workload:<12} {impl:<16} {r['median_ms']:9.2f} {r['ratio']:7.3f} "
+                f"{r['ratio_quartiles'][0]:6.3f}-{r['ratio_quartiles'][1]:<6.3f} {r['peak_mb']:9.2f} "
                 f"{r['memory_ratio']:9.3f}  {verdict} (f64 {e['float64']:.1e}, f32 {e['float32']:.1e})",
                 flush=True,
             )

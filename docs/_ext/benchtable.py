@@ -16,7 +16,10 @@ from docutils.statemachine import StringList
 from sphinx.application import Sphinx
 from sphinx.util.docutils import SphinxDirective
 
-COLUMNS = ("workload", "implementation", "ms / step", "time ratio", "peak MB", "memory ratio", "gradient (f64 error)")
+COLUMNS = (
+    "workload", "implementation", "ms / step", "time ratio (quartiles)", "peak MB", "memory ratio",
+    "gradient (f64 error)",
+)
 
 
 def table_lines(data: dict[str, Any]) -> list[str]:
@@ -42,9 +45,10 @@ def table_lines(data: dict[str, Any]) -> list[str]:
             else:
                 e = r["grad_error"]
                 verdict = "ok" if e["ok"] else "**wrong**"
+                spread = r.get("ratio_quartiles")
                 cells = [
                     f"{r['median_ms']:.1f}",
-                    f"**{r['ratio']:.3f}**",
+                    f"**{r['ratio']:.3f}**" + (f" ({spread[0]:.2f}-{spread[1]:.2f})" if spread else ""),
                     f"{r['peak_mb']:.1f}",
                     f"{r['memory_ratio']:.3f}",
                     f"{verdict} ({e['float64']:.0e})",
