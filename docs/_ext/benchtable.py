@@ -33,7 +33,7 @@ def table_lines(data: dict[str, Any]) -> list[str]:
             f"rounds; load average {run['load_average'][0]} before and {run['load_average'][1]} after the run.",
             "",
         ]
-    lines += [".. list-table::", "   :header-rows: 1", "   :widths: 14 20 10 10 10 10 18", ""]
+    lines += [".. list-table::", "   :header-rows: 1", "   :widths: 13 18 9 16 9 9 16", ""]
     lines += ["   * - " + COLUMNS[0]] + [f"     - {c}" for c in COLUMNS[1:]]
     refusals: list[str] = []
     for workload, impls in data["results"].items():
