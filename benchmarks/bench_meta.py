@@ -241,11 +241,12 @@ def worker(impl: str, workload: str, threads: int) -> None:
     except ValueError as err:  # the implementation refuses this workload
         print(json.dumps({"refused": str(err)}), flush=True)
         return
-    for dtype in (torch.float64, torch.float32):
-        model, step = make_step(impl, workload, dtype)
-        step()
-        out[str(dtype)] = [p.grad.detach().clone() for p in model.parameters()]
-    torch.save(out, grads_file)
+    if grads_file != "-":  # "-": a further process of this implementation, timed only
+        for dtype in (torch.float64, torch.float32):
+            model, step = make_step(impl, workload, dtype)
+            step()
+            out[str(dtype)] = [p.grad.detach().clone() for p in model.parameters()]
+        torch.save(out, grads_file)
     model, step = make_step(impl, workload, torch.float32)
     step()
     step()
@@ -284,44 +285,42 @@ def check_gradients(files: dict[str, str], reference: str = "hand") -> dict[str,
     return errors
 
 
-def run_workload(workload: str, impls: list[str], rounds: int, seconds: float, threads: int) -> dict:
+def run_workload(workload: str, impls: list[str], rounds: int, seconds: float, threads: int, processes: int) -> dict:
     env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", OMP_NUM_THREADS=str(threads))
     tmp = tempfile.mkdtemp(prefix="metann-bench-")
     procs, files, memory = {}, {}, {}
     log = open(os.path.join(tmp, "workers.log"), "w")  # noqa: SIM115 -- closed in `finally`; the profiler is chatty
     for impl in impls:
-        procs[impl] = subprocess.Popen(
-            [sys.executable, __file__, "--worker", impl, "--workloads", workload, "--threads", str(threads)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, env=env, text=True,
-        )
         files[impl] = os.path.join(tmp, f"{impl}.pt")
-        procs[impl].stdin.write(files[impl] + "\n")
-        procs[impl].stdin.flush()
+        for k in range(processes):  # process 0 also checks the gradient and measures memory
+            procs[impl, k] = proc = subprocess.Popen(
+                [sys.executable, __file__, "--worker", impl, "--workloads", workload, "--threads", str(threads)],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, env=env, text=True,
+            )
+            proc.stdin.write((files[impl] if k == 0 else "-") + "\n")
+            proc.stdin.flush()
+
+    def ask(impl: str, k: int, line: str) -> dict:
+        procs[impl, k].stdin.write(line + "\n")
+        procs[impl, k].stdin.flush()
+        return json.loads(procs[impl, k].stdout.readline())
+
     try:
-        refused = {}
-        for impl in impls:
-            answer = json.loads(procs[impl].stdout.readline())
-            if "refused" in answer:
-                refused[impl] = answer["refused"]
+        answers = {key: json.loads(proc.stdout.readline()) for key, proc in procs.items()}
+        refused = {impl: answers[impl, 0]["refused"] for impl in impls if "refused" in answers[impl, 0]}
         timed = [impl for impl in impls if impl not in refused]
         errors = check_gradients({impl: files[impl] for impl in timed})
         # Calibrate: iterations per batch so that a batch of the reference takes about `seconds`.
-        procs["hand"].stdin.write("1\n")
-        procs["hand"].stdin.flush()
-        one = json.loads(procs["hand"].stdout.readline())["seconds"]
-        iterations = max(1, int(seconds / max(one, 1e-6)))
+        iterations = max(1, int(seconds / max(ask("hand", 0, "1")["seconds"], 1e-6)))
         times: dict[str, list[float]] = {impl: [] for impl in timed}
         for r in range(rounds):
             # A new order every round (seeded: the same in every run), so no implementation
-            # always follows the same neighbour or runs twice in a row at round boundaries.
+            # always follows the same neighbour or runs twice in a row at round boundaries;
+            # the rounds go round the processes of each implementation.
             for impl in random.Random(r).sample(timed, len(timed)):
-                procs[impl].stdin.write(f"{iterations}\n")
-                procs[impl].stdin.flush()
-                times[impl].append(json.loads(procs[impl].stdout.readline())["seconds"])
+                times[impl].append(ask(impl, r % processes, str(iterations))["seconds"])
         for impl in timed:
-            procs[impl].stdin.write("memory\n")
-            procs[impl].stdin.flush()
-            memory[impl] = json.loads(procs[impl].stdout.readline())["peak_bytes"]
+            memory[impl] = ask(impl, 0, "memory")["peak_bytes"]
     finally:
         for proc in procs.values():
             with contextlib.suppress(BrokenPipeError):
@@ -355,6 +354,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--seconds", type=float, default=1.0, help="target seconds per timed batch")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--processes", type=int, default=1,
+        help="worker processes per implementation, timed in turn (a process's memory layout can shift its speed)",
+    )
     parser.add_argument("--json", help="also write the results as JSON to this path")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -376,7 +379,7 @@ def main() -> None:
     print(header)
     print("-" * len(header))
     for workload in args.workloads.split(","):
-        results[workload] = run_workload(workload, impls, args.rounds, args.seconds, args.threads)
+        results[workload] = run_workload(workload, impls, args.rounds, args.seconds, args.threads, args.processes)
         for impl, r in results[workload].items():
             if "refused" in r:
                 print(f"{workload:<12} {impl:<16} refused: {r['refused'][:90]}", flush=True)
@@ -396,6 +399,7 @@ def main() -> None:
             "python": platform.python_version(),
             "cpus": os.cpu_count(),
             "rounds": args.rounds,
+            "processes": args.processes,
             # 1-minute load average of the machine before and after: other jobs slow every implementation alike.
             "load_average": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
         }
