@@ -44,7 +44,7 @@ class _Chain:
     ``layer(x)`` costs two Python frames per layer (``__call__``, then ``forward``) and
     ``Sequential.forward`` a loop of such calls; on a small MLP that overhead is as
     large as the arithmetic. When no module the loop skips has a hook, there are no
-    global hooks and no tracing, calling the layers' bound ``forward`` methods in order
+    global hooks and no tracing, calling the layers' ``forward`` methods in order
     (nested ``Sequential`` containers flattened) is the same computation as ``root(x)``.
 
     ``layers`` is ``None`` when the root is not a plain ``Sequential`` (its class does
@@ -54,7 +54,7 @@ class _Chain:
     own).
     """
 
-    __slots__ = ("forwards", "hook_dicts", "root", "version")
+    __slots__ = ("hook_dicts", "layers", "root", "version")
 
     def __init__(self, root: nn.Module) -> None:
         self.version = dependent._structure_version
@@ -74,14 +74,14 @@ class _Chain:
             and flatten(root)
             and all(m.__dict__.get("_compiled_call_impl") is None for m in skipped)
         )
-        self.forwards = [m.forward for m in layers] if chainable else None
+        self.layers = layers if chainable else None
         # Torch registers hooks into these dictionaries in place: one `any` sees them all.
         self.hook_dicts = [m.__dict__[name] for m in skipped for name in _HOOKS]
 
     def usable(self) -> bool:
         """Whether ``run`` may stand in for calling the root now."""
         return not (
-            self.forwards is None
+            self.layers is None
             or any(self.hook_dicts)
             or _torch_module._global_forward_hooks
             or _torch_module._global_forward_pre_hooks
@@ -92,8 +92,8 @@ class _Chain:
         )
 
     def run(self, x: Any) -> Any:
-        for forward in self.forwards:  # type: ignore[union-attr]
-            x = forward(x)
+        for layer in self.layers:  # type: ignore[union-attr]
+            x = layer.forward(x)  # looked up each time, as `__call__` does
         return x
 
 

@@ -1,4 +1,5 @@
 """MAML, first-order MAML, MetaSGD and ANIL against hand-written references."""
+import copy
 import re
 
 import pytest
@@ -83,6 +84,17 @@ def test_parameters_replaced_after_construction_are_the_meta_parameters(how):
     expected, _, _ = maml_meta_grads(sine_mlp_forward, leaves(net), support, query, F.mse_loss, lr=0.1, steps=2)
     for g, e in zip(got, expected):
         torch.testing.assert_close(g, e, rtol=1e-6, atol=1e-9)
+
+
+def test_a_deep_copy_adapts_and_meta_learns_its_own_model():
+    net = sine_mlp()
+    maml = MAML(net, steps_train=2, lr=0.1, evaluator=default_evaluator_regression)
+    twin = copy.deepcopy(maml)
+    support, query = sine_data()
+    default_evaluator_regression(twin(support), query).backward()
+    assert all(p.grad is None for p in net.parameters())
+    assert all(p.grad is not None for p in twin.model.parameters())
+    assert all(a is b for a, b in zip(twin._model_params().values(), twin.model.parameters()))
 
 
 def test_second_and_first_order_differ():
