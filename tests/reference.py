@@ -74,3 +74,20 @@ def maml_meta_grads(
 def leaves(module: nn.Module):
     """Detached leaf copies (requires_grad) of a module's parameters."""
     return [p.detach().clone().requires_grad_() for p in module.parameters()]
+
+
+def meta_grads(objective, tensors):
+    """Gradients of ``objective`` for ``tensors`` (``None`` where a tensor is unused)."""
+    return torch.autograd.grad(objective, list(tensors), allow_unused=True)
+
+
+def assert_all_close(got, expected, **kwargs):
+    """``assert_close`` tensor by tensor, naming the index of the first that differs."""
+    assert len(got) == len(expected)
+    for i, (g, e) in enumerate(zip(got, expected)):
+        torch.testing.assert_close(g, e, msg=lambda m, i=i: f"tensor {i}: {m}", **kwargs)
+
+
+def max_difference(a, b):
+    """The largest absolute elementwise difference between two lists of tensors."""
+    return max((x - y).abs().max().item() for x, y in zip(a, b))

@@ -9,26 +9,12 @@ import torch.nn.functional as F
 from metann.meta import MAML, MetaSGD, default_evaluator_classification, default_evaluator_regression
 from metann.meta.mamlpp import MAMLpp
 from metann.meta.perstep import PerStepBatchNorm, multi_step_loss_weights
-from tests.reference import conv_bn, leaves, sine_mlp, sine_mlp_forward
+from tests.reference import assert_all_close, conv_bn, leaves, max_difference, meta_grads, sine_mlp, sine_mlp_forward
 from tests.test_meta import image_data, sine_data
 
 
 def task(support, query):
     return SimpleNamespace(support=support, query=query)
-
-
-def meta_grads(objective, tensors):
-    return torch.autograd.grad(objective, list(tensors), allow_unused=True)
-
-
-def assert_all_close(got, expected, **kwargs):
-    assert len(got) == len(expected)
-    for i, (g, e) in enumerate(zip(got, expected)):
-        torch.testing.assert_close(g, e, msg=lambda m, i=i: f"tensor {i}: {m}", **kwargs)
-
-
-def max_difference(a, b):
-    return max((x - y).abs().max().item() for x, y in zip(a, b))
 
 
 # ----------------------------------------------------------------------------- multi-step loss

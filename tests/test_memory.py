@@ -9,23 +9,17 @@ from torch import nn
 
 from metann.meta import MAML, MetaSGD, default_evaluator_classification, default_evaluator_regression
 from metann.meta.memory import frozen_running_stats
-from tests.reference import conv_bn, conv_bn_forward, leaves, sine_mlp, sine_mlp_forward
+from tests.reference import (
+    assert_all_close,
+    conv_bn,
+    conv_bn_forward,
+    leaves,
+    max_difference,
+    meta_grads,
+    sine_mlp,
+    sine_mlp_forward,
+)
 from tests.test_meta import _Encoder, image_data, sine_data
-
-
-def meta_grads(loss, tensors):
-    return torch.autograd.grad(loss, list(tensors), allow_unused=True)
-
-
-def assert_all_close(got, expected, **kwargs):
-    assert len(got) == len(expected)
-    for i, (g, e) in enumerate(zip(got, expected)):
-        torch.testing.assert_close(g, e, msg=lambda m, i=i: f"tensor {i}: {m}", **kwargs)
-
-
-def max_difference(a, b):
-    return max((x - y).abs().max().item() for x, y in zip(a, b))
-
 
 TIGHT = {"rtol": 1e-6, "atol": 1e-9}  # float64: recomputation must give the plain meta-gradient
 
