@@ -10,6 +10,7 @@ from typing import Any, Union
 import torch
 from torch import Tensor, nn
 
+from metann import _autograd
 from metann.dependent import DependentModule
 from metann.learner import share_buffers
 
@@ -184,9 +185,7 @@ def inner_step(
     """
     names = [n for n in (params if adapt_names is None else adapt_names) if params[n].requires_grad]
     _check_lr(lr, names, params)
-    grads = torch.autograd.grad(
-        loss, [params[n] for n in names], create_graph=not first_order, allow_unused=allow_unused
-    )
+    grads = _autograd.grad(loss, [params[n] for n in names], not first_order, allow_unused)
     new = dict(params)
     for n, g in zip(names, grads):
         if g is None:

@@ -8,6 +8,7 @@ from typing import Any, Union, cast
 import torch
 from torch import Tensor, nn
 
+from metann import _autograd
 from metann.functional import _check_lr, _has_custom_or_attention, math_attention
 from metann.learner import Learner
 from metann.meta.batched import batched_query_losses
@@ -438,9 +439,7 @@ class MAML(InnerLoopOptions, nn.Module):
         self, params: dict[str, Tensor], names: list[str], loss: Tensor, state: Any, step: int
     ) -> tuple[dict[str, Tensor], Any]:
         """One inner step: gradients of ``loss`` for ``names``, then the update rule."""
-        grads = torch.autograd.grad(
-            loss, [params[n] for n in names], create_graph=self.second_order, allow_unused=True
-        )
+        grads = _autograd.grad(loss, [params[n] for n in names], self.second_order)
         return self._update(params, names, grads, state, self.inner_rates(names))
 
     def _update(

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any, cast
 import torch
 from torch import Tensor, nn
 
+from metann import _autograd
 from metann.functional import math_attention
 from metann.meta.memory import frozen_running_stats
 from metann.meta.perstep import PerStepBatchNorm, per_step_rates
@@ -100,7 +101,7 @@ class InnerLoopOptions:
         self, params: dict[str, Tensor], names: list[str], loss: Tensor, state: Any, step: int, create_graph: bool
     ) -> tuple[dict[str, Tensor], Any]:
         """One inner step with this step's rates and an explicit choice of order."""
-        grads = torch.autograd.grad(loss, [params[n] for n in names], create_graph=create_graph, allow_unused=True)
+        grads = _autograd.grad(loss, [params[n] for n in names], create_graph)
         return self._update(params, names, grads, state, self._rates_at(names, step))
 
     def _options_forward(
