@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
+from metann import _autograd
 from metann.functional import math_attention
 from metann.meta.compiled import compiled_parts
 from metann.meta.evaluators import default_evaluator_classification
@@ -330,7 +331,7 @@ class iMAML(MAML):  # the paper's spelling
             with torch.enable_grad():
                 leaves = {n: current[n].detach().requires_grad_() for n in names}
                 loss = self.evaluator(FastModel(self, {**fixed, **leaves}), data)
-                grads = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
+                grads = _autograd.grad(loss, list(leaves.values()), False)
             with torch.no_grad():
                 prox = {
                     n: self.lam * (leaves[n] - center[n]) + (g if g is not None else 0)
