@@ -30,7 +30,10 @@ def table_lines(data: dict[str, Any]) -> list[str]:
         lines += [
             f"Measured {run['date']} at commit ``{run['commit']}``: torch {data['torch']}, Python {run['python']}, "
             f"{run['cpus']} CPUs, {data['threads']} thread(s) per worker, median of {run['rounds']} interleaved "
-            f"rounds; load average {run['load_average'][0]} before and {run['load_average'][1]} after the run.",
+            f"rounds ({run.get('processes', 1)} worker process(es) per implementation); load average "
+            f"{run['load_average'][0]} before and {run['load_average'][1]} after the run; "
+            + ("glibc's malloc settings left alone." if run.get("malloc", "glibc defaults") == "glibc defaults"
+               else "freed memory kept by the workers' malloc (see below)."),
             "",
         ]
     lines += [".. list-table::", "   :header-rows: 1", "   :widths: 13 18 9 16 9 9 16", ""]
