@@ -33,7 +33,7 @@ def table_lines(data: dict[str, Any]) -> list[str]:
             f"rounds ({run.get('processes', 1)} worker process(es) per implementation); load average "
             f"{run['load_average'][0]} before and {run['load_average'][1]} after the run; "
             + ("glibc's malloc settings left alone." if run.get("malloc", "glibc defaults") == "glibc defaults"
-               else "freed memory kept by the workers' malloc (see below)."),
+               else "freed memory kept by the workers' malloc (see above)."),
             "",
         ]
     lines += [".. list-table::", "   :header-rows: 1", "   :widths: 13 18 9 16 9 9 16", ""]
