@@ -1,4 +1,5 @@
 """DependentModule: rewriting ``nn.Module`` classes so that their weights can be computed tensors."""
+
 from __future__ import annotations
 
 import weakref
@@ -30,22 +31,25 @@ def _bump() -> None:
 
 
 class _Dependent:
-    """Registry entry of one dependent: its registered shape.
+    """Registry entry of one dependent: its registered shape, and whether it trains.
 
     Tied dependents (one original ``Parameter`` used in several places) share one
     entry object, which is how substitution finds every slot of a tied weight.
+    ``requires_grad`` is the original parameter's flag, given back by
+    :meth:`DependentModule.to_original` (a frozen parameter stays frozen).
     """
 
-    __slots__ = ("shape",)
+    __slots__ = ("requires_grad", "shape")
 
-    def __init__(self, shape: torch.Size | None) -> None:
+    def __init__(self, shape: torch.Size | None, requires_grad: bool = True) -> None:
         self.shape = shape
+        self.requires_grad = requires_grad
 
-    def __getstate__(self) -> torch.Size | None:
-        return self.shape
+    def __getstate__(self) -> tuple[torch.Size | None, bool]:
+        return self.shape, self.requires_grad
 
-    def __setstate__(self, shape: torch.Size | None) -> None:
-        self.shape = shape
+    def __setstate__(self, state: tuple[torch.Size | None, bool]) -> None:
+        self.shape, self.requires_grad = state
 
 
 class _DependentMeta(type):
@@ -91,8 +95,7 @@ def _rebuild(original_class: type) -> DependentModule:
 def _check_value(module: nn.Module, name: str, value: Any) -> None:
     if value is not None and not isinstance(value, Tensor):
         raise TypeError(
-            f"dependent {name!r} of `{type(module).__name__}` must be a Tensor or None, "
-            f"got `{type(value).__name__}`."
+            f"dependent {name!r} of `{type(module).__name__}` must be a Tensor or None, got `{type(value).__name__}`."
         )
 
 
@@ -253,8 +256,10 @@ class DependentModule(nn.Module, metaclass=_DependentMeta):
     def to_original(self) -> nn.Module:
         """Undo the conversion of this module and its submodules, in place.
 
-        Dependents become parameters again (``nn.Parameter`` of their detached values);
-        a dependent whose value is ``None`` is registered as a ``None`` parameter.
+        Dependents become parameters again (``nn.Parameter`` of their detached values,
+        with the ``requires_grad`` of the parameter they came from: a frozen parameter
+        stays frozen); a dependent whose value is ``None`` is registered as a ``None``
+        parameter.
 
         Returns:
             ``self``, whose class and submodules' classes are the original ones again.
@@ -267,7 +272,7 @@ class DependentModule(nn.Module, metaclass=_DependentMeta):
             for name, entry in registry.items():
                 value = m.__dict__.pop(name, None)
                 if value is not None and id(entry) not in tied:
-                    tied[id(entry)] = nn.Parameter(value.detach())
+                    tied[id(entry)] = nn.Parameter(value.detach(), requires_grad=entry.requires_grad)
                 m._parameters[name] = None if value is None else tied[id(entry)]
             m.__dict__.pop("_metann_plan", None)
             m.__class__ = type(m)._original_class or type(m)
@@ -342,7 +347,7 @@ class DependentModule(nn.Module, metaclass=_DependentMeta):
                     continue
                 if id(param) not in shared:
                     value = param.detach().clone() if init else None
-                    shared[id(param)] = (_Dependent(param.shape), value)
+                    shared[id(param)] = (_Dependent(param.shape, param.requires_grad), value)
                 entry, value = shared[id(param)]
                 del module._parameters[name]
                 registry[name] = entry

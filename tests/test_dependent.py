@@ -1,4 +1,5 @@
 """Tests of metann.dependent: conversion, dependents, substitution, copies and errors."""
+
 from __future__ import annotations
 
 import copy
@@ -202,13 +203,34 @@ def test_to_original_undoes_conversion(case, seed):
     args = case.args()
     types = [type(m) for m in module.modules()]
     names = param_names(module)
+    trains = [p.requires_grad for p in module.parameters()]
     expected = outputs(copy.deepcopy(module), case, args)
     DependentModule(module).clear_params(init=True)
     assert module.to_original() is module
     assert [type(m) for m in module.modules()] == types
     assert param_names(module) == names
     assert all(type(p) is nn.Parameter for p in module.parameters())
+    assert [p.requires_grad for p in module.parameters()] == trains
     assert_close(outputs(module, case, args), expected)
+
+
+@pytest.mark.parametrize("through", ["as is", "deepcopy", "pickle"])
+def test_frozen_parameters_stay_frozen_through_conversion(through):
+    net = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
+    net[0].weight.requires_grad_(False)
+    net[1].bias.requires_grad_(False)
+    converted = DependentModule(net).clear_params(init=True)
+    if through == "deepcopy":
+        converted = copy.deepcopy(converted)
+    elif through == "pickle":
+        converted = pickle.loads(pickle.dumps(converted))
+    restored = converted.to_original()
+    assert {n: p.requires_grad for n, p in restored.named_parameters()} == {
+        "0.weight": False,
+        "0.bias": True,
+        "1.weight": True,
+        "1.bias": False,
+    }
 
 
 # ---------------------------------------------------------------------------- class cache, assignment
@@ -299,6 +321,7 @@ def test_tied_weights_are_one_dependent_reaching_both_places(seed):
 
 def test_clear_filter_keeps_filtered_modules_parameters(seed):
     net = mlp()
+
     def keep_last(m: nn.Module) -> bool:  # called on the copy's modules: recognise the layer by shape
         return not (isinstance(m, nn.Linear) and m.out_features == 2)
 
@@ -382,14 +405,18 @@ def test_a_dependent_without_shape_takes_any_tensor_but_no_other_value():
     for value in (torch.ones(4), torch.ones(1, 1)):
         layer.substitute_from_list([w, b, value])
         assert layer.free is value
-    with pytest.raises(TypeError, match=re.escape("dependent 'free' of `DependentLinear` must be given a Tensor, got `int`")):
+    with pytest.raises(
+        TypeError, match=re.escape("dependent 'free' of `DependentLinear` must be given a Tensor, got `int`")
+    ):
         layer.substitute_from_list([w, b, 5])
     assert layer.free is value
 
 
 def test_register_dependent_rejects_a_non_tensor():
     layer = DependentModule(nn.Linear(3, 2))
-    with pytest.raises(TypeError, match=re.escape("dependent 'scale' of `DependentLinear` must be a Tensor or None, got `float`")):
+    with pytest.raises(
+        TypeError, match=re.escape("dependent 'scale' of `DependentLinear` must be a Tensor or None, got `float`")
+    ):
         layer.register_dependent("scale", 1.0)
     assert dependent_names(layer) == [] and not hasattr(layer, "scale")
 
@@ -480,7 +507,10 @@ def test_non_tensor_values_are_refused(filled):
     message = "dependent '2.bias' of `DependentSequential` must be given a Tensor, got `list`"
     with pytest.raises(TypeError, match=re.escape(message)):
         stateless.substitute({**values, "0.bias": torch.zeros(8), "2.bias": [0.0, 0.0]})
-    with pytest.raises(TypeError, match=re.escape("dependent '0.weight' of `DependentSequential` must be given a Tensor, got `NoneType`")):
+    with pytest.raises(
+        TypeError,
+        match=re.escape("dependent '0.weight' of `DependentSequential` must be given a Tensor, got `NoneType`"),
+    ):
         stateless.substitute_from_list([None, *list(values.values())[1:]])
     assert_holds(stateless, values)
 
