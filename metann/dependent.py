@@ -48,8 +48,9 @@ class _Dependent:
     def __getstate__(self) -> tuple[torch.Size | None, bool]:
         return self.shape, self.requires_grad
 
-    def __setstate__(self, state: tuple[torch.Size | None, bool]) -> None:
-        self.shape, self.requires_grad = state
+    def __setstate__(self, state: tuple[torch.Size | None, bool] | torch.Size | None) -> None:
+        # `type(...) is tuple`: a `torch.Size` (the state of earlier versions) is a tuple too.
+        self.shape, self.requires_grad = state if type(state) is tuple else (state, True)
 
 
 class _DependentMeta(type):
@@ -304,7 +305,10 @@ class DependentModule(nn.Module, metaclass=_DependentMeta):
                 f"cannot register dependent {name!r} on `{owner}`: an attribute of that name already exists."
             )
         _check_value(self, name, tensor)
-        registry[name] = _Dependent(None if tensor is None else tensor.shape)
+        previous = registry.get(name)  # re-registering keeps whether the original parameter trains
+        registry[name] = _Dependent(
+            None if tensor is None else tensor.shape, True if previous is None else previous.requires_grad
+        )
         self.__dict__[name] = tensor
         self._refresh_flat_weight(name, tensor)
         _bump()

@@ -135,3 +135,46 @@ def test_maml_inner_steps_take_the_direct_path(engine_calls, first_order):
         first_order=first_order,
     )
     assert_close(ours, tuple(expected))
+
+
+def test_arguments_torch_accepts_go_through_torch_autograd_grad(engine_calls):
+    w = torch.tensor([1.0, 2.0], requires_grad=True)
+    # a single tensor as `inputs` (not iterated), a generator, `allow_unused=None`
+    assert_close(_autograd.grad((w**2).sum(), w, False), (2 * w.detach(),))
+    assert_close(_autograd.grad((w**2).sum(), (t for t in [w]), False), (2 * w.detach(),))
+    assert_close(_autograd.grad((w**2).sum(), [w], False, allow_unused=None), (2 * w.detach(),))
+    assert not engine_calls
+    with pytest.raises(RuntimeError, match="all inputs have to be Tensors"):
+        _autograd.grad((w**2).sum(), [w, None], False)
+
+
+def test_not_while_torch_compile_traces(engine_calls, monkeypatch):
+    monkeypatch.setattr(_autograd, "_IS_COMPILING", lambda: True)
+    w = torch.ones(3, requires_grad=True)
+    assert_close(_autograd.grad((w**2).sum(), [w], False), (2 * w.detach(),))
+    assert not engine_calls
+
+
+@pytest.mark.skipif(_autograd._ENGINE_RUN_BACKWARD is None, reason="torch < 2.2 has no `_engine_run_backward`")
+def test_a_patched_engine_entry_point_is_honoured(engine_calls, monkeypatch):
+    seen = []
+    original = torch.autograd._engine_run_backward  # what `torch.autograd.grad` calls
+
+    def recording(*args, **kwargs):
+        seen.append(args)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(torch.autograd, "_engine_run_backward", recording)
+    w = torch.ones(3, requires_grad=True)
+    assert_close(_autograd.grad((w**2).sum(), [w], False), (2 * w.detach(),))
+    assert len(seen) == 1 and not engine_calls
+
+
+@pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta")
+def test_sparse_loss_is_refused_as_torch_refuses_it(engine_calls):
+    x = torch.ones(1, 1, requires_grad=True)
+    with pytest.raises(RuntimeError) as ours:
+        _autograd.grad((x * 3).to_sparse_csr(), [x], False)
+    with pytest.raises(RuntimeError) as theirs:
+        torch.autograd.grad((x * 3).to_sparse_csr(), [x])
+    assert str(ours.value) == str(theirs.value)

@@ -233,6 +233,22 @@ def test_frozen_parameters_stay_frozen_through_conversion(through):
     }
 
 
+def test_re_registering_a_frozen_parameter_keeps_it_frozen():
+    net = DependentModule(nn.Linear(3, 2))
+    net.weight.requires_grad_(False)
+    net.clear_params(init=True)
+    net.register_dependent("weight", torch.zeros(2, 3))
+    assert not net.to_original().weight.requires_grad
+
+
+def test_registry_entries_pickled_by_earlier_versions_load():
+    from metann.dependent import _Dependent
+
+    entry = _Dependent.__new__(_Dependent)
+    entry.__setstate__(torch.Size([4, 3]))  # earlier versions pickled the bare shape
+    assert (entry.shape, entry.requires_grad) == (torch.Size([4, 3]), True)
+
+
 # ---------------------------------------------------------------------------- class cache, assignment
 def test_one_class_per_original_class_and_converting_twice_is_a_noop():
     a, b = DependentModule(nn.Linear(2, 2)), DependentModule(nn.Linear(3, 1))
